@@ -1,0 +1,81 @@
+"""Atomic writes: an artefact is either complete at its final path or absent.
+
+Each writer creates a temporary sibling in the same directory (so the final rename stays
+on one file system) and moves it into place with ``os.replace`` only after the content is
+complete. A process killed half-way leaves a ``.tmp-*`` sibling behind, never a partial
+artefact under the real name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+
+def _temp_sibling(path: Path, *, directory: bool) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    prefix = f".tmp-{path.name}-"
+    if directory:
+        return Path(tempfile.mkdtemp(prefix=prefix, dir=path.parent))
+    handle, name = tempfile.mkstemp(prefix=prefix, dir=path.parent)
+    os.close(handle)
+    return Path(name)
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically."""
+    path = Path(path)
+    temp = _temp_sibling(path, directory=False)
+    try:
+        with open(temp, "wb") as stream:
+            stream.write(data)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` as UTF-8 to ``path`` atomically."""
+    write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` as indented JSON to ``path`` atomically (NaN is rejected)."""
+    text = json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False, sort_keys=False)
+    write_text(path, text + "\n")
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary directory that replaces ``path`` when the block succeeds.
+
+    Used for Zarr stores and other multi-file outputs. An existing ``path`` is removed
+    only after the new content is complete. On error the temporary directory is deleted
+    and ``path`` is left as it was.
+    """
+    path = Path(path)
+    temp = _temp_sibling(path, directory=True)
+    try:
+        yield temp
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.exists():
+        # Move the old directory aside first: rmtree is not atomic, a rename is.
+        old = _temp_sibling(path, directory=True)
+        old.rmdir()
+        os.replace(path, old)
+        shutil.rmtree(old, ignore_errors=True)
+    os.replace(temp, path)
