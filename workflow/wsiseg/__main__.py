@@ -1,0 +1,7 @@
+"""Allow ``python -m wsiseg <stage> ...``."""
+
+import sys
+
+from wsiseg.cli import main
+
+sys.exit(main())
