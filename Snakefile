@@ -12,12 +12,16 @@
 # Cohort: {results}/report.csv; logs under {results}/logs, benchmarks under
 # {results}/benchmarks.
 
+import os
+
 from snakemake.utils import min_version
 
 min_version("9.0")
 
 
-configfile: "config.yaml"
+# The defaults live beside this file; a --configfile given on the command line
+# overrides them key by key.
+configfile: os.path.join(workflow.basedir, "config.yaml")
 
 
 include: "workflow/rules/common.smk"
