@@ -10,8 +10,8 @@ The script writes a patches Zarr store of generated tissue-like texture (the lay
 patches stage writes), then, for each precision, starts a child process that:
 
 1. claims a GPU as an inference job does and imports Keras (start-up, part 1);
-2. times ``model.predict`` on the patches held in memory as float32, after one warm-up
-   batch that traces the model (raw throughput);
+2. times ``model.predict`` on the patches held in memory as float32, after an identical
+   warm-up call that traces the model (raw throughput);
 3. runs ``wsiseg.infer.run_infer`` on the store as one shard and reports its throughput
    from the first batch, after the model is traced, to the written store (reading,
    predicting and writing), and over the whole call (model building and tracing included).
@@ -139,8 +139,10 @@ def measure(args: argparse.Namespace) -> dict:
     model.compile(jit_compile=args.xla)
     build_s = time.perf_counter() - build_started
 
+    # The warm-up runs the same call as the timed one, so any tracing that model.predict
+    # does for the data it is given happens here.
     warm_started = time.perf_counter()
-    model.predict(inputs[: args.batch_size], batch_size=args.batch_size, verbose=0)
+    model.predict(inputs, batch_size=args.batch_size, verbose=0)
     warm_up_s = time.perf_counter() - warm_started
 
     raw_started = time.perf_counter()
@@ -193,7 +195,7 @@ def print_table(results: list[dict]) -> None:
     print()
     print(
         f"{'precision':<15}{'xla':<5}{'raw p/s':>10}{'stage p/s':>11}{'stage/raw':>11}"
-        f"{'total p/s':>11}{'import s':>10}{'build s':>9}{'trace s':>9}{'wait s':>8}"
+        f"{'total p/s':>11}{'import s':>10}{'build s':>9}{'warm-up s':>10}{'wait s':>8}"
     )
     for result in results:
         print(
@@ -201,7 +203,7 @@ def print_table(results: list[dict]) -> None:
             f"{result['raw_patches_per_s']:>10.1f}{result['stage_loop_patches_per_s']:>11.1f}"
             f"{result['stage_over_raw']:>11.2f}{result['stage_total_patches_per_s']:>11.1f}"
             f"{result['startup_import_s']:>10.1f}{result['build_s']:>9.1f}"
-            f"{result['warm_up_s']:>9.1f}{result['stage_input_wait_s']:>8.1f}"
+            f"{result['warm_up_s']:>10.1f}{result['stage_input_wait_s']:>8.1f}"
         )
     if results:
         print(
