@@ -238,11 +238,11 @@ def assign_device(
     """Choose this process's GPU, set CUDA_VISIBLE_DEVICES to it and return the choice.
 
     ``devices`` lists the candidate device ids (None: every visible GPU; an empty list:
-    the CPU, with every GPU hidden). ``lock_dir``
-    holds one lock file per device (None: ``default_lock_dir()``). ``wait_timeout_s``
-    bounds the wait for a free device (None: wait as long as it takes, logging every
-    minute). Call this before TensorFlow, JAX or PyTorch is imported. A second call in a
-    process that has claimed a device returns the same assignment.
+    the CPU, with every GPU hidden). ``lock_dir`` contains one lock file per device (None:
+    ``default_lock_dir()``). ``wait_timeout_s`` bounds the wait for a free device (None:
+    wait as long as it takes, logging every minute). Call this before TensorFlow, JAX or
+    PyTorch is imported. A second call in a process that has claimed a device returns the
+    same assignment.
     """
     global _claimed
     if _claimed is not None:
@@ -268,8 +268,7 @@ def assign_device(
         if len(inherited_ids) == 1:
             if configured is not None:
                 logger.info(
-                    "CUDA_VISIBLE_DEVICES=%s was set by the scheduler; "
-                    "the configured devices %s are not used",
+                    "CUDA_VISIBLE_DEVICES=%s is set, so the configured devices %s are not used",
                     inherited_ids[0],
                     configured,
                 )
@@ -305,8 +304,10 @@ def assign_device(
 
     _warn_if_framework_imported()
     os.environ["CUDA_VISIBLE_DEVICES"] = device_id
-    # Index ids then mean what nvidia-smi shows, not CUDA's default fastest-first order.
-    os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+    if inherited is None:
+        # Index ids then mean what nvidia-smi shows, not CUDA's default fastest-first
+        # order. Inherited ids keep the order they were written for.
+        os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
 
     logger.info(
         "claimed GPU %s of %s through %s after waiting %.1f s",
