@@ -51,7 +51,7 @@ def test_encoder_matches_keras_application(model):
 
 
 def test_encoder_ends_at_conv_7b(model):
-    """The last encoder layer with weights is conv_7b's BatchNorm; the decoder follows."""
+    """The last encoder layer with weights is conv_7b's BatchNorm, and the decoder follows."""
     layers = weighted_layers(model)
     assert layers[N_ENCODER_WEIGHTED_LAYERS - 1].name == "conv_7b_bn"
     assert layers[N_ENCODER_WEIGHTED_LAYERS].name.startswith("decoder1_")

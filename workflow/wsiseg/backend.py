@@ -24,7 +24,7 @@ PRECISIONS = ("auto", "float32", "mixed_float16")
 
 
 def configure(precision: str = "auto", *, memory_growth: bool = True) -> str:
-    """Set the Keras dtype policy and GPU memory growth; return the precision in use.
+    """Set the Keras dtype policy and GPU memory growth, and return the precision in use.
 
     ``auto`` picks ``mixed_float16`` when a GPU is visible and ``float32`` otherwise.
     float16 and bfloat16 run slower than float32 on most CPUs, so ``auto`` never picks

@@ -12,10 +12,10 @@ with weights (255 Conv2D, 214 BatchNormalization) and 65,893,154 parameters. Its
 layers with weights match ``keras.applications.InceptionResNetV2(include_top=False)`` shape
 for shape and in order, which is what lets ImageNet weights seed the encoder.
 
-The graph mirrors the Keras 2 original layer for layer (same layers, same inputs in the same
-order), because DigiPathAI's released weight files are loaded by topological order and any
-extra or reordered layer would shift weights onto the wrong layers. Only the layer names
-differ, and names play no part in that loading.
+The graph mirrors the Keras 2 original layer for layer: the same layers, with the same
+inputs in the same order. DigiPathAI's released weight files are loaded by topological
+order, so an extra or reordered layer would shift weights onto the wrong layers. Only the
+layer names differ, and names play no part in that loading.
 
 Only ``keras`` and ``keras.ops`` are used here, so the model builds on any Keras 3 backend.
 """
@@ -151,8 +151,8 @@ def _conv_bn(
         filters, kernel_size, strides=strides, padding="same", use_bias=use_bias, name=name
     )(x)
     if not use_bias:
-        # The BatchNorm shift replaces the bias. The scale is left out because the ReLU
-        # that follows is scale-invariant.
+        # The BatchNorm shift replaces the bias. The scale is left out because the next
+        # convolution can absorb it (ReLU commutes with a positive scale).
         x = keras.layers.BatchNormalization(axis=3, scale=False, name=f"{name}_bn")(x)
     if activation is not None:
         x = keras.layers.Activation(activation, name=f"{name}_ac")(x)
