@@ -458,15 +458,23 @@ def test_vectorise_rejects_threshold(tmp_path: Path, threshold: float) -> None:
 
 MEMORY_SCRIPT = textwrap.dedent(
     """
-    import json, resource, sys
-    import psutil
+    import json, sys
     from wsiseg.stitch import run_stitch
     from wsiseg.vectorise import run_vectorise
 
+    def status_kib(field):
+        with open("/proc/self/status") as stream:
+            for line in stream:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+
     work = sys.argv[1]
     # A warm-up on a tiny slide imports the lazy modules and fills allocator pools first.
-    run_stitch(f"{work}/small/patches.zarr", [f"{work}/small/shard-0.zarr"], f"{work}/small/probability.zarr", chunk_px=256)
-    baseline = psutil.Process().memory_info().rss
+    run_stitch(
+        f"{work}/small/patches.zarr", [f"{work}/small/shard-0.zarr"],
+        f"{work}/small/probability.zarr", chunk_px=256,
+    )
+    baseline = status_kib("VmRSS")
     run_stitch(
         f"{work}/patches.zarr", [f"{work}/shard-0.zarr", f"{work}/shard-1.zarr"],
         f"{work}/probability.zarr", chunk_px=256,
@@ -475,8 +483,8 @@ MEMORY_SCRIPT = textwrap.dedent(
         f"{work}/probability.zarr", f"{work}/slide.json", f"{work}/tissue.json",
         f"{work}/tumour.geojson", f"{work}/stats.json", min_area_um2=0.0, max_band_px=1 << 20,
     )
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"baseline": baseline, "peak": peak, "regions": stats["n_tumour_regions"]}))
+    print(json.dumps({"baseline_kib": baseline, "peak_kib": status_kib("VmHWM"),
+                      "regions": stats["n_tumour_regions"]}))
     """
 )
 
@@ -527,9 +535,10 @@ def _write_memory_slide(work: Path, size_px: int, n_discs: int) -> None:
             arrays["weight"][chunk_row - row0 : chunk_row - row0 + rows.size] = 1.0
 
 
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmHWM from /proc")
 def test_stitch_vectorise_memory_bounded(tmp_path: Path) -> None:
-    """Stitching and vectorising a 6144² map in 256 px chunks stays far below one map's size."""
-    size_px = 6144
+    """Stitching and vectorising an 8192² map in 256 px chunks stays far below one map's size."""
+    size_px = 8192
     _write_memory_slide(tmp_path, size_px, n_discs=6)
     (tmp_path / "small").mkdir()
     _write_patch_store(tmp_path / "small" / "patches.zarr", 64, n_patches=1)
@@ -539,12 +548,14 @@ def test_stitch_vectorise_memory_bounded(tmp_path: Path) -> None:
     write_slide_json(tmp_path / "slide.json")
     write_tissue_json(tmp_path / "tissue.json")
 
+    # The child reads its peak from VmHWM. Its getrusage ru_maxrss also counted the memory
+    # of this test process when measured here, because Linux keeps the maximum across exec.
     result = subprocess.run(
         [sys.executable, "-c", MEMORY_SCRIPT, str(tmp_path)],
         capture_output=True, text=True, timeout=300, check=True,
     )
 
     measured = json.loads(result.stdout.strip().splitlines()[-1])
-    map_bytes = size_px * size_px * 4  # one float32 map: 151 MB
+    map_bytes = size_px * size_px * 4  # one float32 map: 268 MB
     assert measured["regions"] == 6
-    assert measured["peak"] - measured["baseline"] < map_bytes / 2
+    assert (measured["peak_kib"] - measured["baseline_kib"]) * 1024 < map_bytes / 2

@@ -1,6 +1,6 @@
 """Stitch the inference shards of one slide into its probability map.
 
-Each shard holds a band of output rows as a weighted sum and a weight (overlapping
+Each shard stores a band of output rows as a weighted sum and a weight (overlapping
 patches already merged). Bands of neighbouring shards overlap where patches of adjacent
 grid rows overlap, so the map is ``sum / weight`` after adding up every band that covers
 a pixel. The map is built block by block, one chunk row at a time, so memory depends on
@@ -28,9 +28,9 @@ from wsiseg.errors import ArtefactError, ConfigError
 
 logger = logging.getLogger(__name__)
 
-# Largest block summed at once: float64 sum and weight plus float32 outputs take about
-# 24 bytes per pixel, so 8 Mpx blocks stay near 200 MB whatever the slide's size.
-MAX_BLOCK_PX = 1 << 23
+# Largest block summed at once. Float64 sums, float32 shard reads and the temporaries of
+# the division take roughly 60 bytes per pixel (an estimate), so about 250 MB at 4 Mpx.
+MAX_BLOCK_PX = 1 << 22
 
 
 def _compressor() -> BloscCodec:
@@ -50,13 +50,15 @@ class _Band:
     attrs: dict[str, Any]
 
 
-def _open_group(path: str | os.PathLike, what: str, slide_id: str | None = None) -> zarr.Group:
+def _open_group(
+    path: str | os.PathLike, description: str, slide_id: str | None = None
+) -> zarr.Group:
     if not Path(path).is_dir():
-        raise ArtefactError(f"{what} not found: {path}", slide_id)
+        raise ArtefactError(f"{description} not found: {path}", slide_id)
     try:
         return zarr.open_group(str(path), mode="r")
     except (FileNotFoundError, ValueError, KeyError) as error:
-        raise ArtefactError(f"cannot open {what} {path}: {error}", slide_id) from error
+        raise ArtefactError(f"failed to open {description} {path}: {error}", slide_id) from error
 
 
 def _open_band(
@@ -90,8 +92,8 @@ def _open_band(
     row0 = int(attrs.get("out_row0", 0))
     if band_height and band_width != width_out:
         raise ArtefactError(
-            f"prediction shard {path} is {band_width} px wide, the map {width_out} px; "
-            "rerun inference for this slide",
+            f"prediction shard {path} is {band_width} px wide but the map is {width_out} px, "
+            "so rerun inference for this slide",
             slide_id,
         )
     if band_height and (row0 < 0 or row0 + band_height > height_out):
@@ -109,7 +111,8 @@ def _column_block_px(bands: Sequence[_Band], chunk_px: int, height_px: int, widt
     Reading a block narrower than a shard's chunks would decode those chunks once per
     block, so the block spans the widest shard chunk unless that exceeds MAX_BLOCK_PX.
     """
-    widest_shard_chunk = max((band.sum.chunks[1] for band in bands if band.row1 > band.row0), default=1)
+    shard_chunk_widths = [band.sum.chunks[1] for band in bands if band.row1 > band.row0]
+    widest_shard_chunk = max(shard_chunk_widths, default=1)
     width = chunk_px * max(1, math.ceil(widest_shard_chunk / chunk_px))
     max_width = max(chunk_px, (MAX_BLOCK_PX // max(1, height_px)) // chunk_px * chunk_px)
     return max(1, min(width, max_width, max(width_out, 1)))
@@ -146,7 +149,9 @@ def run_stitch(
     if isinstance(chunk_px, bool) or not isinstance(chunk_px, int) or chunk_px < 1:
         raise ConfigError(f"chunk_px must be a positive integer, got {chunk_px!r}", slide_id)
     if not shard_zarrs:
-        raise ArtefactError("no prediction shards given; every slide has at least one", slide_id)
+        raise ArtefactError(
+            "no prediction shards given, but every slide has at least one", slide_id
+        )
     slide_status = patch_attrs.get("status") or status.OK
     processable = status.is_processable(slide_status)
 
@@ -159,7 +164,8 @@ def run_stitch(
         image_height = image_width = 0
     first_shard = _open_group(shard_zarrs[0], "prediction shard", slide_id)
     output_downsample = first_shard.attrs.get("output_downsample")
-    if isinstance(output_downsample, bool) or not isinstance(output_downsample, int) or output_downsample < 1:
+    valid_downsample = isinstance(output_downsample, int) and not isinstance(output_downsample, bool)
+    if not valid_downsample or output_downsample < 1:
         raise ArtefactError(
             f"prediction shard {shard_zarrs[0]} has output_downsample {output_downsample!r}, "
             "expected a positive integer",
@@ -179,8 +185,8 @@ def run_stitch(
     expected_patches = int(patch_attrs.get("n_patches", 0) or 0)
     if processable and n_patches != expected_patches:
         raise ArtefactError(
-            f"the {len(bands)} prediction shards hold {n_patches} patches, the patch store "
-            f"{expected_patches}; a shard is missing or stale, so rerun inference",
+            f"the {len(bands)} prediction shards contain {n_patches} patches but the patch "
+            f"store {expected_patches}: a shard is missing or stale, so rerun inference",
             slide_id,
         )
     non_empty = [band for band in bands if band.row1 > band.row0]
@@ -239,7 +245,7 @@ def run_stitch(
 
 
 def _stitch_blocks(bands: Sequence[_Band], arrays: dict[str, zarr.Array], chunk_px: int) -> None:
-    """Fill the output arrays block by block; blocks no patch covers stay unwritten."""
+    """Fill the output arrays block by block, leaving blocks that no patch covers unwritten."""
     height_out, width_out = arrays["probability"].shape
     block_width = _column_block_px(bands, chunk_px, chunk_px, width_out)
 
@@ -269,7 +275,9 @@ def _stitch_blocks(bands: Sequence[_Band], arrays: dict[str, zarr.Array], chunk_
                 continue
             safe_weight = np.where(covered, weight, 1.0)
             block = np.s_[row0:row1, col0:col1]
-            arrays["probability"][block] = np.where(covered, total / safe_weight, 0.0).astype(np.float32)
+            probability = np.where(covered, total / safe_weight, 0.0)
+            arrays["probability"][block] = probability.astype(np.float32)
             arrays["coverage"][block] = covered.astype(np.uint8)
             if variance is not None:
-                arrays["variance"][block] = np.where(covered, variance / safe_weight, 0.0).astype(np.float32)
+                mean_variance = np.where(covered, variance / safe_weight, 0.0)
+                arrays["variance"][block] = mean_variance.astype(np.float32)

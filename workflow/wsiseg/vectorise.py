@@ -134,7 +134,8 @@ def _successors(
         top_left, top_right = labels[cy, cx], labels[cy, cx + 1]
         bottom_left, bottom_right = labels[cy + 1, cx], labels[cy + 1, cx + 1]
         same_region = np.where(top_left > 0, top_left == bottom_right, top_right == bottom_left)
-        expected_direction = np.where(same_region, (direction[saddle] + 3) % 4, (direction[saddle] + 1) % 4)
+        left_turn, right_turn = (direction[saddle] + 3) % 4, (direction[saddle] + 1) % 4
+        expected_direction = np.where(same_region, left_turn, right_turn)
         first_choice = order[position[saddle]]
         second_choice = order[position[saddle] + 1]
         successor[saddle] = np.where(
@@ -258,7 +259,8 @@ def _trace_band(
     ring_order = np.lexsort((is_hole, region))
     ring_lengths = lengths[ring_order] + 1
     ring_index = np.repeat(np.arange(ring_order.size), ring_lengths)
-    offset = np.arange(ring_lengths.sum()) - np.repeat(np.cumsum(ring_lengths) - ring_lengths, ring_lengths)
+    ring_starts = np.cumsum(ring_lengths) - ring_lengths
+    offset = np.arange(ring_lengths.sum()) - np.repeat(ring_starts, ring_lengths)
     offset[offset == np.repeat(ring_lengths - 1, ring_lengths)] = 0
     gather = np.repeat(starts[ring_order], ring_lengths) + offset
     rings = shapely.linearrings(np.column_stack([x[gather], y[gather]]), indices=ring_index)
@@ -532,7 +534,9 @@ def run_vectorise(
     slide = _load_json(slide_json, "slide metadata")
     tissue = _load_json(tissue_json, "tissue metadata")
     slide_id = str(slide.get("slide_id"))
-    _check_options(slide_id, threshold, min_area_um2, min_area_px, simplify_tolerance_px, max_band_px)
+    _check_options(
+        slide_id, threshold, min_area_um2, min_area_px, simplify_tolerance_px, max_band_px
+    )
     color = geojson.check_rgb(class_color)
 
     # The map's attributes carry the scale and the status of the stages before it.
@@ -560,7 +564,9 @@ def run_vectorise(
     totals = RegionTotals()
     processed = status.is_processable(slide_status)
     if processed and "probability" not in group:
-        raise ArtefactError(f"probability map {probability_zarr} has no 'probability' array", slide_id)
+        raise ArtefactError(
+            f"probability map {probability_zarr} has no 'probability' array", slide_id
+        )
 
     # Trace, finish and write the regions as they complete, so no slide-sized list exists.
     shifted_context = (
@@ -675,10 +681,14 @@ def _write_features(
             extra={"model_weights": model_weights},
         )
         id_ = geojson.feature_id(slide_id, geometry_text)
-        writer.write_text(geojson.feature_text(id_=id_, geometry_json=geometry_text, properties=properties))
+        writer.write_text(
+            geojson.feature_text(id_=id_, geometry_json=geometry_text, properties=properties)
+        )
         if shifted_writer is not None:
             shifted_writer.write_text(
-                geojson.feature_text(id_=id_, geometry_json=shifted_texts[index], properties=properties)
+                geojson.feature_text(
+                    id_=id_, geometry_json=shifted_texts[index], properties=properties
+                )
             )
         totals.n_regions += 1
         totals.area_px_level0 += area_px
