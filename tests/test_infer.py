@@ -446,3 +446,55 @@ def test_min_patches_per_shard_arithmetic():
     n = min_patches_per_shard(7.0, 2000.0, 0.05)
     assert n == 266_000
     assert 7.0 / (7.0 + n / 2000.0) <= 0.05
+
+
+def test_prefetcher_raises_producer_error():
+    """An exception in the producer thread is raised in the consuming thread."""
+    from wsiseg.infer import Prefetcher
+
+    def produce():
+        yield 1
+        raise ValueError("broken chunk")
+
+    received = []
+    with pytest.raises(ValueError, match="broken chunk"):
+        with Prefetcher(produce, max_items=1) as prefetcher:
+            for item in prefetcher:
+                received.append(item)
+    assert received == [1]
+
+
+def test_background_worker_raises_error():
+    """An exception in the worker is raised when the block ends, and later items are skipped."""
+    from wsiseg.infer import BackgroundWorker
+
+    done = []
+
+    def work(item):
+        if item == 2:
+            raise ValueError("write failed")
+        done.append(item)
+
+    with pytest.raises(ValueError, match="write failed"):
+        with BackgroundWorker(work, max_items=1, name="test-worker") as worker:
+            for item in range(1, 4):
+                worker.submit(item)
+    assert done == [1]
+
+
+def test_infer_corrupt_chunk_leaves_no_store(slide, tmp_path):
+    """A corrupt image chunk fails the shard with an error and writes no store."""
+    import shutil
+
+    store = tmp_path / "patches.zarr"
+    shutil.copytree(slide["store"], store)
+    chunk_files = sorted((store / "image" / "c").rglob("*"))
+    chunk = [path for path in chunk_files if path.is_file()][-1]
+    chunk.write_bytes(b"not a blosc frame")
+
+    out = tmp_path / "shard-1.zarr"
+    with pytest.raises(RuntimeError, match="blosc"):
+        run_infer(store, slide["plan_path"], 1, out, output_downsample=DOWNSAMPLE,
+                  batch_size=BATCH_SIZE, seed=SEED)
+    assert not out.exists()
+    assert not list(tmp_path.glob(".tmp-shard-1.zarr-*"))

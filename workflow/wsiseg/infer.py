@@ -3,7 +3,8 @@
 A shard is a band of whole grid rows (see ``wsiseg.shards``). The stage reads the image
 rows that the band covers from the patches Zarr store one chunk row at a time, so each
 chunk is decoded once, and cuts the patches out as windows. A producer thread does the
-reading and cutting while the model predicts the previous batches. The last batch is
+reading and cutting, and a writer thread the summing and writing, while the model
+predicts in the calling thread. The last batch is
 padded to the full batch size, so the model gets one input shape and is traced once. The
 padding's predictions are dropped.
 
@@ -53,6 +54,9 @@ DEFAULT_PREFETCH_PATCHES = 1024
 _COMPRESSOR = BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
 _SHA256_BLOCK_BYTES = 1 << 20
 _QUEUE_POLL_S = 0.5
+
+# Batches of predicted maps waiting for the band writer. They are small (downsampled maps).
+_WRITER_QUEUE_BATCHES = 8
 
 
 @dataclass(frozen=True)
@@ -259,27 +263,35 @@ def _predict_band(
                 image, rows, cols, patch_px=patch_px, stride_px=stride_px, batch_size=batch_size
             )
 
+        def accumulate(item: tuple[np.ndarray, int, np.ndarray, np.ndarray | None]) -> None:
+            indices, n_valid, mean, variance = item
+            band_rows = rows[indices] * geometry.stride_out - geometry.out_row0
+            band_cols = cols[indices] * geometry.stride_out
+            for k in range(n_valid):
+                accumulator.add(
+                    int(band_rows[k]),
+                    int(band_cols[k]),
+                    mean[k],
+                    None if variance is None else variance[k],
+                )
+
+        # Three threads: the producer reads and cuts patches, this thread runs the model,
+        # and the writer sums maps into the band and writes finished rows. TensorFlow
+        # releases the GIL inside predict_on_batch (a pure-Python thread kept its full
+        # speed during the calls), so the other two threads work while the model runs.
         max_batches = max(2, math.ceil(prefetch_patches / batch_size))
         prefetcher = Prefetcher(produce, max_items=max_batches)
+        writer = BackgroundWorker(accumulate, max_items=_WRITER_QUEUE_BATCHES, name="band-writer")
         predict_s = 0.0
-        with prefetcher:
-            # The producer fills the queue while the model is traced.
+        with prefetcher, writer:
+            # The producer fills its queue while the model is traced.
             predictor.warm_up((batch_size, patch_px, patch_px, 3))
             loop_started = time.perf_counter()
             for batch, indices, n_valid in prefetcher:
                 batch_started = time.perf_counter()
                 mean, variance = predictor.predict(batch)
                 predict_s += time.perf_counter() - batch_started
-
-                band_rows = rows[indices] * geometry.stride_out - geometry.out_row0
-                band_cols = cols[indices] * geometry.stride_out
-                for k in range(n_valid):
-                    accumulator.add(
-                        int(band_rows[k]),
-                        int(band_cols[k]),
-                        mean[k],
-                        None if variance is None else variance[k],
-                    )
+                writer.submit((indices, n_valid, mean, variance))
         accumulator.close()
         loop_s = time.perf_counter() - loop_started
 
@@ -415,6 +427,53 @@ class Prefetcher:
             self._put(error)
             return
         self._put(self._DONE)
+
+
+class BackgroundWorker:
+    """Apply a function to submitted items, in order, in one worker thread.
+
+    ``submit`` blocks while ``max_items`` are waiting. An exception in the function stops
+    the processing of later items and is raised by the next ``submit``, or when the
+    ``with`` block ends without an exception of its own.
+    """
+
+    _DONE = object()
+
+    def __init__(self, function: Callable[[Any], None], max_items: int, name: str) -> None:
+        self._function = function
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, max_items))
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._work, name=name, daemon=True)
+
+    def __enter__(self) -> BackgroundWorker:
+        self._thread.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *exc_info: object) -> None:
+        # The worker keeps taking items after an error, so this put waits at most for the
+        # items ahead of it.
+        self._queue.put(self._DONE)
+        self._thread.join()
+        if exc_type is None and self._error is not None:
+            raise self._error
+
+    def submit(self, item: Any) -> None:
+        """Queue one item, raising the worker's error if an earlier item failed."""
+        if self._error is not None:
+            raise self._error
+        self._queue.put(item)
+
+    def _work(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is self._DONE:
+                return
+            if self._error is not None:
+                continue
+            try:
+                self._function(item)
+            except BaseException as error:  # noqa: BLE001 - raised in the submitting thread
+                self._error = error
 
 
 class BandAccumulator:
