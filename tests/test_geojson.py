@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import uuid
 from pathlib import Path
 
@@ -75,6 +76,17 @@ def test_writer_empty_collection(tmp_path: Path) -> None:
 
     document = json.loads((tmp_path / "empty.geojson").read_text(encoding="utf-8"))
     assert document == {"type": "FeatureCollection", "features": []}
+
+
+def test_writer_file_permissions(tmp_path: Path) -> None:
+    """The collection gets the permissions of a plain new file under the current umask."""
+    umask = os.umask(0o022)
+    try:
+        geojson.write_feature_collection(tmp_path / "out.geojson", [])
+    finally:
+        os.umask(umask)
+
+    assert (tmp_path / "out.geojson").stat().st_mode & 0o777 == 0o644
 
 
 def test_writer_error_leaves_nothing(tmp_path: Path) -> None:

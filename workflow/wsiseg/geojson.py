@@ -112,6 +112,11 @@ class FeatureCollectionWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         handle, name = tempfile.mkstemp(prefix=f".tmp-{self.path.name}-", dir=self.path.parent)
         self._temp = Path(name)
+        # mkstemp creates the file readable by its owner only. Give it the permissions a
+        # plain open() would, so collaborators can read the results.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(handle, 0o666 & ~umask)
         self._stream = os.fdopen(handle, "w", encoding="utf-8")
         self._stream.write('{"type": "FeatureCollection", "features": [')
         return self

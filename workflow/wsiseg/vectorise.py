@@ -364,7 +364,6 @@ class RegionTotals:
     area_px_level0: float = 0.0
     largest_px_level0: float = 0.0
     n_specks_removed: int = 0
-    speck_area_px_level0: float = 0.0
 
 
 def _finish_regions(
@@ -392,7 +391,6 @@ def _finish_regions(
     exact_area = shapely.area(regions)
     speck = exact_area < max(min_area_map_px, np.finfo(float).tiny)
     totals.n_specks_removed += int(speck.sum())
-    totals.speck_area_px_level0 += float(exact_area[speck].sum()) * level0_downsample**2
     regions, exact_area = regions[~speck], exact_area[~speck]
 
     # Simplify in map pixels. GEOS's topology-preserving simplifier keeps every shell and
@@ -417,11 +415,13 @@ def _finish_regions(
     scaled = shapely.transform(parts, lambda coords: coords * level0_downsample)
     scaled = shapely.orient_polygons(scaled)
 
-    # Round to 0.01 px as QuPath's exports do, unless rounding makes a polygon invalid.
-    rounded = shapely.set_precision(scaled, 0.01, mode="pointwise")
-    rounded_valid = shapely.is_valid(rounded)
-    polygons = np.where(rounded_valid, rounded, scaled)
-    return polygons, area_map_px * level0_downsample**2
+    return _round_coordinates(scaled), area_map_px * level0_downsample**2
+
+
+def _round_coordinates(polygons: np.ndarray) -> np.ndarray:
+    """Round to 0.01 px as QuPath's exports do, unless rounding makes a polygon invalid."""
+    rounded = shapely.set_precision(polygons, 0.01, mode="pointwise")
+    return np.where(shapely.is_valid(rounded), rounded, polygons)
 
 
 def format_model_weights(weights: Any) -> str | None:
@@ -584,7 +584,6 @@ def run_vectorise(
             )
             for batch in batches:
                 totals.n_specks_removed += batch.n_dropped
-                totals.speck_area_px_level0 += batch.dropped_px * level0_downsample**2
                 polygons, areas = _finish_regions(
                     batch.polygons,
                     min_area_map_px=min_area_map_px,
@@ -669,7 +668,7 @@ def _write_features(
     geometry_texts = shapely.to_geojson(polygons)
     if shifted_writer is not None:
         moved = shapely.transform(polygons, lambda coords: coords - [bounds_x, bounds_y])
-        shifted_texts = shapely.to_geojson(moved)
+        shifted_texts = shapely.to_geojson(_round_coordinates(moved))
 
     for index, (geometry_text, area_px) in enumerate(zip(geometry_texts, areas_px_level0)):
         area_px = float(area_px)
