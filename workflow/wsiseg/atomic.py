@@ -18,6 +18,16 @@ from pathlib import Path
 from typing import Any
 
 
+def _naming(error: OSError, path: Path) -> OSError:
+    """Return ``error`` as an OSError whose message and filename name the final ``path``.
+
+    Errors raised while flushing (a full disk) carry no file name, and errors on the
+    temporary sibling name a file the user never asked for.
+    """
+    reason = error.strerror or str(error)
+    return OSError(error.errno, f"cannot write {path}: {reason}", str(path))
+
+
 def _temp_sibling(path: Path, *, directory: bool) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     prefix = f".tmp-{path.name}-"
@@ -31,13 +41,19 @@ def _temp_sibling(path: Path, *, directory: bool) -> Path:
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically."""
     path = Path(path)
-    temp = _temp_sibling(path, directory=False)
+    try:
+        temp = _temp_sibling(path, directory=False)
+    except OSError as error:
+        raise _naming(error, path) from error
     try:
         with open(temp, "wb") as stream:
             stream.write(data)
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(temp, path)
+    except OSError as error:
+        temp.unlink(missing_ok=True)
+        raise _naming(error, path) from error
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
@@ -63,9 +79,15 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     and ``path`` is left as it was.
     """
     path = Path(path)
-    temp = _temp_sibling(path, directory=True)
+    try:
+        temp = _temp_sibling(path, directory=True)
+    except OSError as error:
+        raise _naming(error, path) from error
     try:
         yield temp
+    except OSError as error:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise _naming(error, path) from error
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
         raise

@@ -253,7 +253,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.error("wsiseg %s failed: %s", args.command, error)
         return 1
     except OSError as error:
-        logger.error("wsiseg %s failed: %s (path: %s)", args.command, error, error.filename)
+        # Unwritable results folder, full disk: the message names the path to fix.
+        logger.error("wsiseg %s failed: %s", args.command, error)
         return 1
     logger.info("wsiseg %s finished in %.1f s", args.command, time.perf_counter() - started)
     return 0
