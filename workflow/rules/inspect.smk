@@ -5,6 +5,8 @@ rule inspect_slide:
         metadata=f"{RESULTS}/{{slide_id}}/slide.json",
     log:
         f"{RESULTS}/logs/inspect/{{slide_id}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/{{slide_id}}/inspect.tsv"
     params:
         path=lambda wildcards: SLIDES[wildcards.slide_id].path,
         mpp_args=get_slide_mpp_args,

@@ -108,7 +108,7 @@ def _add_infer(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the untrained network")
     parser.add_argument("--batch-size", type=int, default=8, help="patches per model call")
     parser.add_argument("--tta", action="append", default=[],
-                        choices=["flip_h", "flip_v", "rot90", "rot180", "rot270", "transpose"],
+                        choices=["flip_h", "flip_v", "rot90", "rot180", "rot270", "transpose", "anti_transpose"],
                         help="test-time augmentation; repeat for several")
     parser.add_argument("--precision", default="auto", choices=["auto", "float32", "mixed_float16"],
                         help="auto: mixed_float16 on a GPU, float32 on a CPU")
@@ -199,9 +199,20 @@ def _add_report(commands: argparse._SubParsersAction) -> None:
 
 
 def _run_report(args: argparse.Namespace) -> None:
-    from wsiseg.report import run_report
+    import json
+    from pathlib import Path
 
-    run_report(args.stats, args.out, benchmarks_dir=args.benchmarks_dir)
+    from wsiseg.report import benchmark_seconds, run_report
+
+    # runtime_s of a slide: the wall time of all its jobs, from Snakemake's benchmark
+    # files under <benchmarks-dir>/<slide_id>/.
+    runtimes = {}
+    if args.benchmarks_dir:
+        for stats_path in args.stats:
+            slide_id = json.loads(Path(stats_path).read_text(encoding="utf-8")).get("slide_id")
+            if slide_id:
+                runtimes[slide_id] = benchmark_seconds(sorted((Path(args.benchmarks_dir) / slide_id).glob("*.tsv")))
+    run_report(args.stats, args.out, runtimes=runtimes)
 
 
 def _add_bench_model(commands: argparse._SubParsersAction) -> None:
