@@ -25,6 +25,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import scipy.ndimage as ndi
+import scipy.sparse
+import scipy.sparse.csgraph
 import shapely
 import zarr
 
@@ -270,6 +272,39 @@ def _trace_band(
 # --- regions across bands ---------------------------------------------------------------
 
 
+def _union_touching(above: np.ndarray, below: np.ndarray) -> np.ndarray:
+    """Union each group of polygons that touch across a border, and pass the rest through.
+
+    ``above`` and ``below`` have disjoint interiors, each within its own side. Grouping
+    first keeps every union small: one union of all polygons along a noisy border took
+    seconds per band, a union per touching group takes milliseconds.
+    """
+    if above.size == 0 or below.size == 0:
+        return np.concatenate([above, below])
+    above_index, below_index = shapely.STRtree(below).query(above, predicate="intersects")
+    if above_index.size == 0:
+        return np.concatenate([above, below])
+
+    # Groups = connected components of the graph whose edges are touching pairs.
+    polygons = np.concatenate([above, below])
+    edges = scipy.sparse.coo_matrix(
+        (np.ones(above_index.size), (above_index, above.size + below_index)),
+        shape=(polygons.size, polygons.size),
+    )
+    _, group = scipy.sparse.csgraph.connected_components(edges, directed=False)
+    group_size = np.bincount(group)
+    alone = group_size[group] == 1
+    joined = [polygons[alone]]
+
+    members = np.nonzero(~alone)[0]
+    members = members[np.argsort(group[members], kind="stable")]
+    cuts = np.nonzero(np.diff(group[members]))[0] + 1
+    for member_indices in np.split(members, cuts):
+        # Polygons that touch only at a corner come back as separate parts.
+        joined.append(shapely.get_parts(shapely.union_all(polygons[member_indices])))
+    return np.concatenate(joined)
+
+
 def _merge_band(
     carried: np.ndarray, polygons: np.ndarray, row0: int, row1: int, height: int
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -281,11 +316,8 @@ def _merge_band(
     """
     if carried.size and polygons.size:
         touches_top = shapely.bounds(polygons)[:, 1] == row0
-        if touches_top.any():
-            joined = shapely.union_all(np.concatenate([carried, polygons[touches_top]]))
-            candidates = np.concatenate([shapely.get_parts(joined), polygons[~touches_top]])
-        else:
-            candidates = np.concatenate([carried, polygons])
+        joined = _union_touching(carried, polygons[touches_top])
+        candidates = np.concatenate([joined, polygons[~touches_top]])
     elif carried.size:
         candidates = carried
     else:
