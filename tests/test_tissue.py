@@ -13,7 +13,6 @@ import tifffile
 from PIL import Image
 
 from wsiseg import status, synthetic
-from wsiseg.slide import run_inspect
 from wsiseg.tissue import (
     MorphologySizes,
     choose_level,

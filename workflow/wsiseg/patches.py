@@ -237,18 +237,10 @@ def run_patches(
 
     # Patches over tissue.
     mask = _read_mask(tissue_mask_png, tissue, slide_id)
-    fractions = tissue_fractions(
-        mask,
-        tissue["mask_downsample_x"],
-        tissue["mask_downsample_y"],
-        n_rows,
-        n_cols,
-        patch_size_px=patch_size_px,
-        stride_px=stride_px,
-        analysis_downsample=analysis_downsample,
+    keep = _select_windows(
+        mask, tissue, n_rows, n_cols, patch_size_px, stride_px, analysis_downsample,
+        min_tissue_fraction,
     )
-    # A fraction of 0 keeps every window that touches tissue at all.
-    keep = (fractions >= min_tissue_fraction) & (fractions > 1e-9)
     rows, cols = np.nonzero(keep)
     grid = np.stack([rows, cols], axis=1).astype(np.int64)
     coords = np.stack(
@@ -296,8 +288,7 @@ def run_patches(
     started = time.perf_counter()
     try:
         with atomic_dir(out_zarr) as temp:
-            group = _create_store(temp, (image_height, image_width), chunk_px, coords, grid, attrs)
-            del group
+            _create_store(temp, (image_height, image_width), chunk_px, coords, grid, attrs)
             _extract(reader, temp, list(zip(*np.nonzero(needed))), workers)
     except (SlideReadError, openslide.OpenSlideError) as error:
         message = f"reading pixels failed: {getattr(error, 'message', error)}; the file is damaged or truncated"
@@ -315,6 +306,31 @@ def run_patches(
         analysis_downsample, int(needed.sum()), needed.size, seconds, workers, len(shards),
     )
     return attrs
+
+
+def _select_windows(
+    mask: np.ndarray,
+    tissue: dict[str, Any],
+    n_rows: int,
+    n_cols: int,
+    patch_size_px: int,
+    stride_px: int,
+    analysis_downsample: float,
+    min_tissue_fraction: float,
+) -> np.ndarray:
+    """Return a bool (n_rows, n_cols) array of the grid windows to keep."""
+    fractions = tissue_fractions(
+        mask,
+        tissue["mask_downsample_x"],
+        tissue["mask_downsample_y"],
+        n_rows,
+        n_cols,
+        patch_size_px=patch_size_px,
+        stride_px=stride_px,
+        analysis_downsample=analysis_downsample,
+    )
+    # A fraction of 0 keeps every window that touches tissue at all.
+    return (fractions >= min_tissue_fraction) & (fractions > 1e-9)
 
 
 def _check_options(
@@ -497,8 +513,14 @@ def _extract(
             pool.submit(_extract_batch, reader, str(store), [tuple(map(int, c)) for c in batch])
             for batch in batches
         ]
-        for future in concurrent.futures.as_completed(futures):
-            future.result()
+        try:
+            for future in concurrent.futures.as_completed(futures):
+                future.result()
+        except BaseException:
+            # Batches not yet started would only repeat the failure.
+            for future in futures:
+                future.cancel()
+            raise
 
 
 # --- writing ---------------------------------------------------------------------------

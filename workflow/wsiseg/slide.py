@@ -502,7 +502,7 @@ def _hash_content(path: Path, slide_id: str) -> tuple[int | None, str | None]:
 
 
 def composite_on_white(rgba: np.ndarray) -> np.ndarray:
-    """Return RGB uint8 pixels of an RGBA region laid over white (possibly a view).
+    """Return RGB uint8 pixels of an RGBA region laid over white, C-contiguous.
 
     OpenSlide returns transparent pixels (alpha 0) outside the slide, in missing tiles
     and outside the bounds of sparse formats. Its RGBA is not premultiplied, so a pixel
@@ -511,7 +511,8 @@ def composite_on_white(rgba: np.ndarray) -> np.ndarray:
     rgb = rgba[..., :3]
     alpha = rgba[..., 3]
     if alpha.min() == 255:
-        return rgb  # a view: Zarr and numpy copy it where they need to
+        # A contiguous copy: Zarr writes it twice as fast as a strided view.
+        return np.ascontiguousarray(rgb)
     weight = alpha.astype(np.uint16)[..., None]
     blended = (rgb.astype(np.uint16) * weight + 255 * (255 - weight) + 127) // 255
     return blended.astype(np.uint8)

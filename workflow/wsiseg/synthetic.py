@@ -257,7 +257,7 @@ def large_pyramid_slide(
 
     The tissue is a 3 x 3 grid of equal discs. The default 100,000 x 100,000 px slide
     with levels 1, 4, 16 and 64 took 4 s to write and 49 MB of disk on a 2-core
-    laptop-class machine: only tiles on a disc's edge are encoded one by one.
+    machine, because only tiles on a disc's edge are encoded one by one.
     """
     # Nine discs of radius r cover 9 pi r^2; centres W/3 apart keep them disjoint up to
     # a fraction of 9 pi / 36 = 0.785.

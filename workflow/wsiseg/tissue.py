@@ -112,7 +112,7 @@ def run_tissue(
         )
 
     width, height = record["width"], record["height"]
-    mpp_x, mpp_y = record["mpp_x"], record["mpp_y"]
+    mpp_x = record["mpp_x"]
     mask_width, mask_height = thumbnail_size(
         width, height, mpp_x, thumbnail_mpp_um, min_thumbnail_px, max_thumbnail_px,
         no_mpp_thumbnail_px,
@@ -124,6 +124,7 @@ def run_tissue(
             record["path"], slide_id, mask_width, mask_height, block_px=block_px, workers=workers
         )
     except SlideReadError as error:
+        logger.error("slide %s: unreadable: %s", slide_id, error.message)
         return _write_placeholder(
             record, status.UNREADABLE, error.message, out_mask_png, out_thumbnail_png, out_json
         )
@@ -171,40 +172,11 @@ def run_tissue(
         note = ""
 
     # Measure and record.
-    tissue_pixels = int(mask.sum())
-    area_px_level0 = tissue_pixels * downsample_x * downsample_y
-    area_mm2 = area_px_level0 * mpp_x * mpp_y / 1e6 if mpp_x is not None else None
-    messages = [text for text in (note, record["message"]) if text]
-    slide_status = record["status"]
-    if tissue_pixels == 0:
-        slide_status = status.NO_TISSUE
-        messages.insert(
-            0,
-            f"no tissue found (saturation threshold {threshold:.3f}, Otsu "
-            f"{'none' if otsu is None else f'{otsu:.3f}'})",
-        )
-        logger.warning("slide %s: %s", slide_id, messages[0])
-
-    result = {
-        "slide_id": slide_id,
-        "status": slide_status,
-        "message": "; ".join(messages),
-        "mask_downsample_x": downsample_x,
-        "mask_downsample_y": downsample_y,
-        "mask_width": mask_width,
-        "mask_height": mask_height,
-        "mask_mpp_x": mask_mpp_um,
-        "mask_mpp_y": mpp_y * downsample_y if mpp_y is not None else None,
-        "level": level,
-        "tissue_pixels": tissue_pixels,
-        "tissue_area_px_level0": float(area_px_level0),
-        "tissue_area_mm2": area_mm2,
-        "otsu_threshold": otsu,
-        "saturation_threshold": threshold,
-        "closing_radius_px": sizes.closing_radius_px,
-        "max_hole_area_px": sizes.max_hole_area_px,
-        "min_tissue_area_px": sizes.min_tissue_area_px,
-    }
+    result = _tissue_record(
+        record, mask, (downsample_x, downsample_y), level, otsu, threshold, sizes, note
+    )
+    tissue_pixels = result["tissue_pixels"]
+    area_mm2 = result["tissue_area_mm2"]
     _write_png(out_mask_png, mask.astype(np.uint8) * 255)
     _write_png(out_thumbnail_png, thumbnail)
     write_json(out_json, result)
@@ -216,6 +188,56 @@ def run_tissue(
         downsample_x, level, threshold,
     )
     return result
+
+
+def _tissue_record(
+    record: dict[str, Any],
+    mask: np.ndarray,
+    downsample: tuple[float, float],
+    level: int,
+    otsu: float | None,
+    threshold: float | None,
+    sizes: MorphologySizes,
+    note: str,
+) -> dict[str, Any]:
+    """Return tissue.json's content for a detected mask."""
+    slide_id = record["slide_id"]
+    mpp_x, mpp_y = record["mpp_x"], record["mpp_y"]
+    tissue_pixels = int(mask.sum())
+    area_px_level0 = tissue_pixels * downsample[0] * downsample[1]
+    area_mm2 = area_px_level0 * mpp_x * mpp_y / 1e6 if mpp_x is not None else None
+
+    messages = [text for text in (note, record["message"]) if text]
+    slide_status = record["status"]
+    if tissue_pixels == 0:
+        slide_status = status.NO_TISSUE
+        messages.insert(
+            0,
+            f"no tissue found (saturation threshold {threshold:.3f}, Otsu "
+            f"{'none' if otsu is None else f'{otsu:.3f}'})",
+        )
+        logger.warning("slide %s: %s", slide_id, messages[0])
+
+    return {
+        "slide_id": slide_id,
+        "status": slide_status,
+        "message": "; ".join(messages),
+        "mask_downsample_x": downsample[0],
+        "mask_downsample_y": downsample[1],
+        "mask_width": mask.shape[1],
+        "mask_height": mask.shape[0],
+        "mask_mpp_x": mpp_x * downsample[0] if mpp_x is not None else None,
+        "mask_mpp_y": mpp_y * downsample[1] if mpp_y is not None else None,
+        "level": level,
+        "tissue_pixels": tissue_pixels,
+        "tissue_area_px_level0": float(area_px_level0),
+        "tissue_area_mm2": area_mm2,
+        "otsu_threshold": otsu,
+        "saturation_threshold": threshold,
+        "closing_radius_px": sizes.closing_radius_px,
+        "max_hole_area_px": sizes.max_hole_area_px,
+        "min_tissue_area_px": sizes.min_tissue_area_px,
+    }
 
 
 # --- thumbnail -------------------------------------------------------------------------
