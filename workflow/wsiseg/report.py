@@ -193,8 +193,11 @@ def render_overlay(
     slide_id = tissue.get("slide_id")
     features = geojson.read_features(geojson_path)
 
-    # Tissue outline: mask pixels with a background 4-neighbour, resized to the thumbnail.
-    outline = mask & ~ndi.binary_erosion(mask, border_value=0)
+    # Lines about 1/600 of the picture wide, so outlines stay visible on large thumbnails.
+    line_width = max(1, round(min(thumbnail.size) / 600))
+
+    # Tissue outline: mask pixels within line_width of the background, at thumbnail size.
+    outline = mask & ~ndi.binary_erosion(mask, iterations=line_width, border_value=0)
     if outline.shape != (thumbnail.height, thumbnail.width):
         outline_image = Image.fromarray(outline.astype(np.uint8) * 255)
         outline_image = outline_image.resize(thumbnail.size, Image.Resampling.NEAREST)
@@ -209,7 +212,6 @@ def render_overlay(
     if features and downsample_x > 0 and downsample_y > 0 and mask.size:
         scale_x = thumbnail.width / mask.shape[1] / downsample_x
         scale_y = thumbnail.height / mask.shape[0] / downsample_y
-        line_width = max(1, round(min(thumbnail.size) / 600))
         draw = ImageDraw.Draw(picture)
         for feature in features:
             geometry = feature.get("geometry") or {}

@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 
 # Largest block summed at once. Float64 sums, float32 reads and writes and Zarr's codec
 # buffers came to about 50 bytes per pixel: stitching a 25,000 x 25,000 map from eight
-# shards peaked at 277 MB RSS, imports included.
+# shards peaked at 277 MB RSS, imports included (zarr 3.1, 2-core CPU machine).
 MAX_BLOCK_PX = 1 << 22
 
 
@@ -79,7 +79,10 @@ def _open_band(
             slide_id,
         )
     if "sum" not in group or "weight" not in group:
-        raise ArtefactError(f"prediction shard {path} lacks its 'sum' or 'weight' array", slide_id)
+        raise ArtefactError(
+            f"prediction shard {path} lacks its 'sum' or 'weight' array, so rerun inference",
+            slide_id,
+        )
     sum_array, weight_array = group["sum"], group["weight"]
     variance_sum = group["variance_sum"] if "variance_sum" in group else None
     if sum_array.shape != weight_array.shape or len(sum_array.shape) != 2:

@@ -635,6 +635,8 @@ def run_vectorise(
     tumour_px = totals.area_px_level0 if computed else None
     largest_px = totals.largest_px_level0 if computed else None
     tissue_px = tissue.get("tissue_area_px_level0")
+    # NOTE: tumour is not clipped to the tissue mask, and patch footprints overhang the
+    # tissue edge, so the fraction can exceed 1 (seen with the untrained network).
     fraction = tumour_px / tissue_px if tumour_px is not None and tissue_px else None
     stats = {
         "slide_id": slide_id,
