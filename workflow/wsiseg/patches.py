@@ -4,11 +4,11 @@ The grid has ``patch_size_px`` windows every ``stride_px`` pixels at the analysi
 resolution, starting at level-0 (0, 0) and reaching past the right and bottom edges so
 that every slide pixel lies in some patch. A patch is kept when tissue in the mask
 covers at least ``min_tissue_fraction`` of the part of its window that lies on the
-slide. The store contains the image
-once, not each patch, and patch i is ``image[row * stride : row * stride + P,
-col * stride : col * stride + P]``. Only chunks under a kept patch are read and written;
-the rest of the array reads as the white fill value, and so do pixels beyond the slide
-(OpenSlide returns them transparent and they are laid over white).
+slide. The store contains the image once, not each patch, and patch i is
+``image[row * stride : row * stride + P, col * stride : col * stride + P]``. Only
+chunks under a kept patch are read and written, and the rest of the array reads as the
+white fill value. Pixels beyond the slide are white too, because OpenSlide returns them
+transparent and they are laid over white.
 
 Analysis resolution: level 0 by default. With ``target_mpp_um``, the level whose
 reported downsample lies within 1 % of the target is read as it is (the analysis

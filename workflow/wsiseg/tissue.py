@@ -9,10 +9,9 @@ thumbnail (at most ``max_thumbnail_px`` on a side) plus a few blocks of about
 Detection is HSV saturation thresholded with Otsu's method. Stained tissue is
 saturated and glass is grey-white. Two guards keep the background out:
 
-- Near-black pixels (every channel at most ``black_max``) and
-  padding that OpenSlide returns as transparent are left out of the Otsu histogram and
-  of the mask: black borders and dark debris have noisy, high saturation that would pull
-  the threshold up.
+- Near-black pixels (every channel at most ``black_max``) and padding that OpenSlide
+  returns as transparent are left out of the Otsu histogram and of the mask. Black
+  borders and dark debris have noisy, high saturation that would pull the threshold up.
 - Near-white pixels (every channel at least ``white_min``) are never tissue, and the
   threshold never drops below ``min_saturation``, so a blank or very pale slide, where
   Otsu would split noise in half, comes out empty.
