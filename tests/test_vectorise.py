@@ -559,3 +559,43 @@ def test_stitch_vectorise_memory_bounded(tmp_path: Path) -> None:
     map_bytes = size_px * size_px * 4  # one float32 map: 268 MB
     assert measured["regions"] == 6
     assert (measured["peak_kib"] - measured["baseline_kib"]) * 1024 < map_bytes / 2
+
+
+def test_vectorise_clips_to_tissue(tmp_path: Path) -> None:
+    """Tumour is traced only inside the tissue mask, so the fraction stays within 1."""
+    from PIL import Image
+
+    # A map that is tumour everywhere, over a tissue mask whose left half is tissue.
+    probability = np.ones((32, 32), dtype=np.float32)
+    level0_size = 32 * LEVEL0_DOWNSAMPLE
+    mask = np.zeros((16, 16), dtype=np.uint8)
+    mask[:, :8] = 255
+    mask_png = tmp_path / "tissue_mask.png"
+    Image.fromarray(mask).save(mask_png)
+    mask_downsample = level0_size / 16
+    tissue_json = tmp_path / "tissue-clip.json"
+    tissue_px_level0 = level0_size * level0_size / 2
+    tissue_json.write_text(json.dumps({
+        "slide_id": SLIDE_ID, "status": status.OK, "message": "",
+        "mask_downsample_x": mask_downsample, "mask_downsample_y": mask_downsample,
+        "tissue_area_px_level0": tissue_px_level0,
+        "tissue_area_mm2": tissue_px_level0 * MPP_X * MPP_Y / 1e6,
+    }))
+
+    stats = run_vectorise(
+        write_map(tmp_path / "probability.zarr", probability),
+        write_slide_json(tmp_path / "slide.json"),
+        tissue_json,
+        tmp_path / "tumour.geojson",
+        tmp_path / "stats.json",
+        min_area_um2=0.0,
+        min_area_px=0.0,
+        tissue_mask_png=mask_png,
+    )
+
+    features = json.loads((tmp_path / "tumour.geojson").read_text())["features"]
+    polygons = polygons_of(features)
+    assert len(polygons) == 1
+    assert polygons[0].bounds == (0.0, 0.0, level0_size / 2, level0_size)
+    assert stats["tumour_area_px_level0"] == pytest.approx(tissue_px_level0)
+    assert stats["tumour_fraction"] == pytest.approx(1.0)

@@ -3,6 +3,7 @@ rule vectorise_tumour:
         probability=f"{RESULTS}/{{slide_id}}/probability.zarr",
         metadata=f"{RESULTS}/{{slide_id}}/slide.json",
         tissue=f"{RESULTS}/{{slide_id}}/tissue.json",
+        mask=f"{RESULTS}/{{slide_id}}/tissue_mask.png",
     output:
         geojson=f"{RESULTS}/{{slide_id}}/tumour.geojson",
         stats=f"{RESULTS}/{{slide_id}}/stats.json",
@@ -24,7 +25,7 @@ rule vectorise_tumour:
         ),
     shell:
         "{WSISEG} vectorise {input.probability:q} {input.metadata:q} {input.tissue:q}"
-        " --out {output.geojson:q} --stats {output.stats:q} --threshold {params.threshold}"
+        " --tissue-mask {input.mask:q} --out {output.geojson:q} --stats {output.stats:q} --threshold {params.threshold}"
         " --min-area-um2 {params.min_area_um2} --min-area-px {params.min_area_px}"
         " --simplify-tolerance-px {params.simplify} --class-name {params.class_name:q}"
         " --class-color {params.class_color} {params.bounds} 2> {log:q}"

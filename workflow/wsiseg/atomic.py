@@ -28,13 +28,22 @@ def _naming(error: OSError, path: Path) -> OSError:
     return OSError(error.errno, f"cannot write {path}: {reason}", str(path))
 
 
+# tempfile creates files 0600 and folders 0700; artefacts get the permissions any other
+# new file would get, so colleagues in the same group can read a cohort's results.
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 def _temp_sibling(path: Path, *, directory: bool) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     prefix = f".tmp-{path.name}-"
     if directory:
-        return Path(tempfile.mkdtemp(prefix=prefix, dir=path.parent))
+        temp = Path(tempfile.mkdtemp(prefix=prefix, dir=path.parent))
+        temp.chmod(0o777 & ~_UMASK)
+        return temp
     handle, name = tempfile.mkstemp(prefix=prefix, dir=path.parent)
     os.close(handle)
+    os.chmod(name, 0o666 & ~_UMASK)
     return Path(name)
 
 

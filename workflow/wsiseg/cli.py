@@ -159,6 +159,8 @@ def _add_vectorise(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--simplify-tolerance-px", type=float, default=0.5, help="simplification tolerance in map px")
     parser.add_argument("--class-name", default="Tumor", help="QuPath classification name")
     parser.add_argument("--class-color", type=_int_list, default=[200, 0, 0], help="QuPath colour as r,g,b")
+    parser.add_argument("--tissue-mask", default=None,
+                        help="tissue mask PNG; tumour is only traced inside tissue")
     parser.add_argument("--bounds-geojson", default=None,
                         help="also write a GeoJSON shifted by the slide's bounds offset (for QuPath)")
     parser.set_defaults(run=_run_vectorise)
@@ -170,7 +172,8 @@ def _run_vectorise(args: argparse.Namespace) -> None:
     run_vectorise(args.probability, args.metadata, args.tissue, args.out, args.stats,
                   threshold=args.threshold, min_area_um2=args.min_area_um2, min_area_px=args.min_area_px,
                   simplify_tolerance_px=args.simplify_tolerance_px, class_name=args.class_name,
-                  class_color=args.class_color, bounds_geojson=args.bounds_geojson)
+                  class_color=args.class_color, bounds_geojson=args.bounds_geojson,
+                  tissue_mask_png=args.tissue_mask)
 
 
 def _add_overlay(commands: argparse._SubParsersAction) -> None:

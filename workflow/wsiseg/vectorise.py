@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
+from PIL import Image
 import scipy.ndimage as ndi
 import scipy.sparse
 import scipy.sparse.csgraph
@@ -328,7 +329,53 @@ def _merge_band(
     return candidates[~still_open], candidates[still_open]
 
 
-def _read_mask(probability: zarr.Array, row0: int, row1: int, threshold: float) -> np.ndarray:
+class TissueClip:
+    """The tissue mask looked up at map pixels, so tumour is only traced inside tissue.
+
+    Patches overhang the tissue's edge and the slide's edge, and the model predicts on
+    their white part too. Tumour outside tissue is not tumour, and a tumour fraction of
+    tissue above 1 would make no sense, so every map pixel whose centre falls outside
+    the tissue mask (or outside the slide) is background. The mask is the small
+    tissue-detection image (at most a few thousand px a side), so it is held whole.
+    """
+
+    def __init__(self, mask: np.ndarray, mask_downsample_x: float, mask_downsample_y: float,
+                 level0_downsample: float) -> None:
+        self.mask = mask
+        self.mask_downsample_x = mask_downsample_x
+        self.mask_downsample_y = mask_downsample_y
+        self.level0_downsample = level0_downsample
+
+    @classmethod
+    def from_files(cls, mask_png: str | os.PathLike, tissue: dict[str, Any],
+                   level0_downsample: float) -> "TissueClip":
+        """Load the tissue mask PNG with the downsamples recorded in tissue.json."""
+        with Image.open(mask_png) as image:
+            mask = np.asarray(image.convert("L")) > 0
+        return cls(mask, float(tissue.get("mask_downsample_x") or 1.0),
+                   float(tissue.get("mask_downsample_y") or 1.0), level0_downsample)
+
+    def rows(self, row0: int, row1: int, width: int) -> np.ndarray:
+        """Return a boolean (row1 - row0, width) array: True where a map pixel is tissue."""
+        mask_height, mask_width = self.mask.shape
+        centres_y = (np.arange(row0, row1) + 0.5) * self.level0_downsample
+        centres_x = (np.arange(width) + 0.5) * self.level0_downsample
+        mask_rows = np.floor(centres_y / self.mask_downsample_y).astype(np.int64)
+        mask_cols = np.floor(centres_x / self.mask_downsample_x).astype(np.int64)
+        row_ok = (mask_rows >= 0) & (mask_rows < mask_height)
+        col_ok = (mask_cols >= 0) & (mask_cols < mask_width)
+        inside = np.zeros((row1 - row0, width), dtype=bool)
+        rows_inside = np.flatnonzero(row_ok)
+        cols_inside = np.flatnonzero(col_ok)
+        if rows_inside.size and cols_inside.size:
+            inside[np.ix_(rows_inside, cols_inside)] = self.mask[
+                np.ix_(mask_rows[rows_inside], mask_cols[cols_inside])
+            ]
+        return inside
+
+
+def _read_mask(probability: zarr.Array, row0: int, row1: int, threshold: float,
+               clip: TissueClip | None = None) -> np.ndarray:
     """Threshold rows row0..row1 of the map, one chunk column at a time."""
     width = probability.shape[1]
     chunk_width = probability.chunks[1]
@@ -336,6 +383,8 @@ def _read_mask(probability: zarr.Array, row0: int, row1: int, threshold: float) 
     for col0 in range(0, width, chunk_width):
         col1 = min(width, col0 + chunk_width)
         mask[:, col0:col1] = probability[row0:row1, col0:col1] >= threshold
+    if clip is not None:
+        mask &= clip.rows(row0, row1, width)
     return mask
 
 
@@ -353,10 +402,12 @@ def iter_regions(
     threshold: float,
     min_region_px: float = 0.0,
     max_band_px: int = DEFAULT_MAX_BAND_PX,
+    clip: TissueClip | None = None,
 ) -> Iterator[FinishedRegions]:
     """Yield the map's regions band by band, top of the map first.
 
-    Pixels at or above ``threshold`` are foreground. Regions below ``min_region_px`` map
+    Pixels at or above ``threshold`` are foreground, and with ``clip`` only those inside
+    the tissue mask. Regions below ``min_region_px`` map
     pixels that lie inside one band are left out and counted. Regions that span bands
     are yielded whole, whatever their size, for the caller to filter.
     """
@@ -370,7 +421,7 @@ def iter_regions(
     carried = np.empty(0, dtype=object)
     for read0 in range(0, height, read_rows):
         read1 = min(height, read0 + read_rows)
-        mask = _read_mask(probability, read0, read1, threshold)
+        mask = _read_mask(probability, read0, read1, threshold, clip)
         for row0 in range(read0, read1, band_rows):
             row1 = min(read1, row0 + band_rows)
             polygons, (n_dropped, dropped_px) = _trace_band(
@@ -551,10 +602,13 @@ def run_vectorise(
     class_color: Sequence[int] = (200, 0, 0),
     bounds_geojson: str | os.PathLike | None = None,
     max_band_px: int = DEFAULT_MAX_BAND_PX,
+    tissue_mask_png: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Write the slide's tumour polygons as GeoJSON and its statistics as JSON.
 
-    Pixels with probability >= ``threshold`` are tumour. Regions smaller than
+    Pixels with probability >= ``threshold`` are tumour; with ``tissue_mask_png`` only
+    those inside the tissue mask (see TissueClip), so tumour_fraction stays within 1
+    up to the mask's resolution. Regions smaller than
     ``min_area_um2`` (or ``min_area_px`` level-0 px² where the MPP is unknown) are
     dropped. ``simplify_tolerance_px`` is in map pixels. Coordinates are level-0 pixels
     of the full slide. ``bounds_geojson``, when given, receives a second copy shifted by
@@ -613,6 +667,11 @@ def run_vectorise(
                 threshold=threshold,
                 min_region_px=min_area_map_px,
                 max_band_px=max_band_px,
+                clip=(
+                    TissueClip.from_files(tissue_mask_png, tissue, level0_downsample)
+                    if tissue_mask_png is not None
+                    else None
+                ),
             )
             for batch in batches:
                 totals.n_specks_removed += batch.n_dropped
@@ -635,8 +694,8 @@ def run_vectorise(
     tumour_px = totals.area_px_level0 if computed else None
     largest_px = totals.largest_px_level0 if computed else None
     tissue_px = tissue.get("tissue_area_px_level0")
-    # NOTE: tumour is not clipped to the tissue mask, and patch footprints overhang the
-    # tissue edge, so the fraction can exceed 1 (seen with the untrained network).
+    # Without a tissue mask to clip to, patch footprints overhang the tissue's edge and
+    # the fraction can exceed 1.
     fraction = tumour_px / tissue_px if tumour_px is not None and tissue_px else None
     stats = {
         "slide_id": slide_id,
