@@ -79,7 +79,7 @@ def _add_patches(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--min-tissue-fraction", type=float, default=0.01, help="tissue share a patch needs (0-1)")
     parser.add_argument("--chunk-px", type=int, default=1024, help="Zarr chunk side in px")
     parser.add_argument("--workers", type=int, default=2, help="reader processes, each with its own OpenSlide handle")
-    parser.add_argument("--patches-per-shard", type=int, default=4096, help="target patches per inference shard")
+    parser.add_argument("--patches-per-shard", type=int, default=270000, help="target patches per inference shard")
     parser.add_argument("--max-shards", type=int, default=64, help="upper bound on shards per slide")
     parser.set_defaults(run=_run_patches)
 
