@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import subprocess
+import sys
+import textwrap
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -204,3 +207,55 @@ def cmu_front_stages(
     """inspect, tissue and patches of the CMU slide with 2 workers, run once per session."""
     root = tmp_path_factory.mktemp("cmu-front")
     return _run_front_stages(root, cmu_slide, "cmu", patches_options={"workers": 2})
+
+
+_MEASURE_SCRIPT = textwrap.dedent(
+    """
+    import json, resource, sys
+    from wsiseg.patches import run_patches
+    from wsiseg.slide import run_inspect
+    from wsiseg.tissue import run_tissue
+
+    def peak_mib(who):
+        return resource.getrusage(who).ru_maxrss / 1024  # ru_maxrss is in KiB on Linux
+
+    if __name__ == "__main__":
+        slide_path, folder = sys.argv[1], sys.argv[2]
+        run_inspect(slide_path, "huge", folder + "/slide.json")
+        tissue = run_tissue(folder + "/slide.json", folder + "/tissue_mask.png",
+                            folder + "/thumbnail.png", folder + "/tissue.json")
+        after_tissue_mib = peak_mib(resource.RUSAGE_SELF)
+        patches = run_patches(folder + "/slide.json", folder + "/tissue.json",
+                              folder + "/tissue_mask.png", folder + "/patches.zarr",
+                              folder + "/shards.json", workers=2)
+        print(json.dumps({
+            "tissue": tissue,
+            "patches": patches,
+            "tissue_peak_mib": after_tissue_mib,
+            "patches_parent_peak_mib": peak_mib(resource.RUSAGE_SELF),
+            "patches_worker_peak_mib": peak_mib(resource.RUSAGE_CHILDREN),
+        }))
+    """
+)
+
+
+@pytest.fixture(scope="session")
+def huge_slide_measured(
+    tmp_path_factory: pytest.TempPathFactory, huge_slide: synthetic.SyntheticSlide
+) -> dict[str, Any]:
+    """inspect, tissue and patches of the huge slide in a fresh process, with peak RSS.
+
+    Returns tissue.json and the store attributes as "tissue" and "patches", peak RSS in
+    MiB after tissue detection and after extraction (parent and largest worker), and the
+    artefacts' "folder".
+    """
+    folder = tmp_path_factory.mktemp("huge-front")
+    script = folder / "measure.py"
+    script.write_text(_MEASURE_SCRIPT)
+    completed = subprocess.run(
+        [sys.executable, str(script), str(huge_slide.path), str(folder)],
+        capture_output=True, text=True, check=True, timeout=600,
+    )
+    measured = json.loads(completed.stdout.strip().splitlines()[-1])
+    measured["folder"] = folder
+    return measured

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -189,29 +186,13 @@ def test_choose_level_tolerance():
     assert choose_level(downsamples, 1000.0) == 3
 
 
-def test_huge_single_level_memory(tmp_path, huge_slide):
+def test_huge_single_level_memory(huge_slide, huge_slide_measured):
     """The thumbnail of a 20,000 px single-level TIFF is built in bounded memory."""
     # The whole level as RGBA would take 1.6 GB; reading block by block needs a few blocks.
-    script = textwrap.dedent(
-        f"""
-        import json, resource
-        from wsiseg.slide import run_inspect
-        from wsiseg.tissue import run_tissue
-        run_inspect({str(huge_slide.path)!r}, "huge", {str(tmp_path / 'slide.json')!r})
-        result = run_tissue({str(tmp_path / 'slide.json')!r}, {str(tmp_path / 'mask.png')!r},
-                            {str(tmp_path / 'thumb.png')!r}, {str(tmp_path / 'tissue.json')!r})
-        peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        print(json.dumps({{"peak_mib": peak_kib / 1024, "area_mm2": result["tissue_area_mm2"],
-                           "level": result["level"]}}))
-        """
-    )
-    completed = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=300
-    )
-    measured = json.loads(completed.stdout.strip().splitlines()[-1])
-    assert measured["level"] == 0
-    assert measured["area_mm2"] == pytest.approx(huge_slide.tissue_area_mm2, rel=0.02)
-    assert measured["peak_mib"] < 600
+    tissue = huge_slide_measured["tissue"]
+    assert tissue["level"] == 0
+    assert tissue["tissue_area_mm2"] == pytest.approx(huge_slide.tissue_area_mm2, rel=0.02)
+    assert huge_slide_measured["tissue_peak_mib"] < 600
 
 
 # --- detection on arrays ---------------------------------------------------------------
