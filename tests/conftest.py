@@ -216,8 +216,8 @@ _MEASURE_SCRIPT = textwrap.dedent(
     from wsiseg.slide import run_inspect
     from wsiseg.tissue import run_tissue
 
-    def peak_mib(who):
-        return resource.getrusage(who).ru_maxrss / 1024  # ru_maxrss is in KiB on Linux
+    def peak_mib(processes):
+        return resource.getrusage(processes).ru_maxrss / 1024  # ru_maxrss is in KiB on Linux
 
     if __name__ == "__main__":
         slide_path, folder = sys.argv[1], sys.argv[2]

@@ -146,10 +146,10 @@ def test_cmu_plan(cmu_front_stages):
 def test_workers_give_same_store(front_stages, cmu_slide, cmu_front_stages):
     """One worker in-process writes the same image as two worker processes."""
     single = front_stages(cmu_slide, "cmu1", patches_options={"workers": 1})
-    one = _open(single.patches_zarr)
-    two = _open(cmu_front_stages.patches_zarr)
-    assert np.array_equal(one["coords"][:], two["coords"][:])
-    assert np.array_equal(one["image"][:], two["image"][:])
+    in_process = _open(single.patches_zarr)
+    spawned = _open(cmu_front_stages.patches_zarr)
+    assert np.array_equal(in_process["coords"][:], spawned["coords"][:])
+    assert np.array_equal(in_process["image"][:], spawned["image"][:])
 
 
 def test_shards_split_rows(front_stages, cmu_slide):
@@ -373,7 +373,7 @@ def test_invalid_options(front_stages, cmu_slide, options):
 
 def test_extraction_memory_bounded(huge_slide_measured):
     """Extracting from a 20,000 px slide keeps each process far below the image's size."""
-    # The analysis image is 20,096 px square, 1.2 GB as RGB; a worker holds a few chunks.
+    # The analysis image is 20,096 px square, 1.2 GB as RGB. A worker keeps a few chunks.
     image = _open(huge_slide_measured["folder"] / "patches.zarr")["image"]
     assert image.shape == (20_096, 20_096, 3)
     assert huge_slide_measured["patches"]["n_patches"] > 1000
