@@ -287,6 +287,22 @@ def test_target_mpp_resampled_area(front_stages, odd_pyramid_slide):
     assert tissue_px * downsample**2 == pytest.approx(odd_pyramid_slide.tissue_area_px_level0, rel=0.01)
 
 
+def test_target_mpp_upsampled(front_stages, tmp_path):
+    """A target MPP finer than level 0 enlarges the image and keeps the discs in place."""
+    slide = synthetic.disc_slide(tmp_path / "small.tiff", width_px=2048, height_px=1024,
+                                 radius_px=200.0, level_downsamples=(1.0, 4.0))
+    stages = front_stages(slide.path, "small", patches_options={"target_mpp_um": 0.25})
+    group = _open(stages.patches_zarr)
+    image = group["image"][:]
+    half = 2048
+    assert group.attrs["analysis_downsample"] == 0.5
+    assert group.attrs["mpp_x"] == pytest.approx(0.25)
+    for disc, offset in zip(slide.discs, (0, half)):
+        x, y = _tissue_centroid(image[:, offset : offset + half])
+        assert abs((x + offset + 0.5) * 0.5 - disc.x_px) < 0.5
+        assert abs((y + 0.5) * 0.5 - disc.y_px) < 0.5
+
+
 def test_choose_analysis_level_cases():
     """Levels within 1 % are used as they are; otherwise the next finer level."""
     downsamples = [1.0, 4.000152, 16.0029]
