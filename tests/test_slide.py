@@ -16,6 +16,7 @@ from wsiseg import status, synthetic
 from wsiseg.errors import ConfigError, SlideReadError
 from wsiseg.slide import (
     bounds_from_properties,
+    composite_image_on_white,
     composite_on_white,
     open_slide,
     resolve_mpp,
@@ -355,6 +356,13 @@ def test_composite_on_white():
     assert rgb[0, 0].tolist() == [255, 255, 255]
     assert rgb[0, 1].tolist() == [10, 20, 30]
     assert rgb[0, 2].tolist() == [127, 127, 127]
+
+
+def test_composite_image_matches_array():
+    """The Pillow and numpy composites give the same pixels."""
+    rgba = np.random.default_rng(3).integers(0, 256, size=(40, 50, 4), dtype=np.uint8)
+    from_image = np.asarray(composite_image_on_white(Image.fromarray(rgba)))
+    assert np.array_equal(from_image, composite_on_white(rgba))
 
 
 def test_read_beyond_slide_white(cmu_slide):

@@ -522,11 +522,3 @@ def composite_image_on_white(region: Image.Image) -> Image.Image:
     """Return an RGBA Pillow image laid over white, as RGB (see ``composite_on_white``)."""
     white = Image.new("RGBA", region.size, (255, 255, 255, 255))
     return Image.alpha_composite(white, region).convert("RGB")
-
-
-def read_rgb(
-    slide: openslide.AbstractSlide, location: tuple[int, int], level: int, size: tuple[int, int]
-) -> np.ndarray:
-    """Read a region like ``read_region`` and return it as (h, w, 3) uint8 over white."""
-    region = slide.read_region(location, level, size)
-    return composite_on_white(np.asarray(region))
