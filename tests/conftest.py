@@ -247,7 +247,8 @@ def huge_slide_measured(
 
     Returns tissue.json and the store attributes as "tissue" and "patches", peak RSS in
     MiB after tissue detection and after extraction (parent and largest worker), and the
-    artefacts' "folder".
+    artefacts' "folder". On Linux a worker's figure also counts the parent's pages that
+    the fork before exec copied, so it is an upper bound for the worker.
     """
     folder = tmp_path_factory.mktemp("huge-front")
     script = folder / "measure.py"
