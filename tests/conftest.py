@@ -216,24 +216,32 @@ _MEASURE_SCRIPT = textwrap.dedent(
     from wsiseg.slide import run_inspect
     from wsiseg.tissue import run_tissue
 
-    def peak_mib(processes):
-        return resource.getrusage(processes).ru_maxrss / 1024  # ru_maxrss is in KiB on Linux
+    def peak_mib():
+        # VmHWM is this process's own peak. ru_maxrss would also count the pages of a
+        # large parent (pytest with TensorFlow loaded) copied by the fork before exec.
+        try:
+            with open("/proc/self/status") as status:
+                for line in status:
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1]) / 1024
+        except OSError:
+            pass
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     if __name__ == "__main__":
         slide_path, folder = sys.argv[1], sys.argv[2]
         run_inspect(slide_path, "huge", folder + "/slide.json")
         tissue = run_tissue(folder + "/slide.json", folder + "/tissue_mask.png",
                             folder + "/thumbnail.png", folder + "/tissue.json")
-        after_tissue_mib = peak_mib(resource.RUSAGE_SELF)
+        after_tissue_mib = peak_mib()
         patches = run_patches(folder + "/slide.json", folder + "/tissue.json",
                               folder + "/tissue_mask.png", folder + "/patches.zarr",
-                              folder + "/shards.json", workers=2)
+                              folder + "/shards.json", workers=1)
         print(json.dumps({
             "tissue": tissue,
             "patches": patches,
             "tissue_peak_mib": after_tissue_mib,
-            "patches_parent_peak_mib": peak_mib(resource.RUSAGE_SELF),
-            "patches_worker_peak_mib": peak_mib(resource.RUSAGE_CHILDREN),
+            "patches_peak_mib": peak_mib(),
         }))
     """
 )
@@ -245,10 +253,10 @@ def huge_slide_measured(
 ) -> dict[str, Any]:
     """inspect, tissue and patches of the huge slide in a fresh process, with peak RSS.
 
-    Returns tissue.json and the store attributes as "tissue" and "patches", peak RSS in
-    MiB after tissue detection and after extraction (parent and largest worker), and the
-    artefacts' "folder". On Linux a worker's figure also counts the parent's pages that
-    the fork before exec copied, so it is an upper bound for the worker.
+    Extraction runs in that process (workers=1), which runs the same code per chunk as
+    a worker process. Returns tissue.json and the store attributes as "tissue" and
+    "patches", the process's peak RSS in MiB after tissue detection and after extraction,
+    and the artefacts' "folder".
     """
     folder = tmp_path_factory.mktemp("huge-front")
     script = folder / "measure.py"
