@@ -240,6 +240,30 @@ def test_inspect_override_wins(tmp_path, cmu_slide):
     assert record["mpp_source"] == "sample_sheet"
 
 
+def test_inspect_default_mpp_fallback(tmp_path, no_mpp_slide):
+    """The config's default MPP fills in for a slide without one, source config."""
+    record = run_inspect(no_mpp_slide.path, "nompp", tmp_path / "slide.json", default_mpp_um=0.3)
+    assert record["status"] == status.OK
+    assert record["mpp_x"] == 0.3
+    assert record["mpp_source"] == "config"
+    assert "default MPP" in record["message"]
+
+
+def test_inspect_default_mpp_not_over_metadata(tmp_path, cmu_slide):
+    """The config's default MPP does not replace the slide's own MPP."""
+    record = run_inspect(cmu_slide, "cmu", tmp_path / "slide.json", default_mpp_um=0.3)
+    assert record["mpp_x"] == pytest.approx(0.499)
+    assert record["mpp_source"] == "metadata"
+
+
+def test_inspect_default_mpp_over_rejected(tmp_path, boxes_tiff):
+    """The config's default MPP replaces an implausible one and the message names both."""
+    record = run_inspect(boxes_tiff, "boxes", tmp_path / "slide.json", default_mpp_um=0.3)
+    assert record["status"] == status.OK
+    assert record["mpp_x"] == 0.3
+    assert "352.778" in record["message"]
+
+
 @pytest.mark.parametrize("value", [0.01, 250.0, float("nan"), "abc"])
 def test_inspect_override_implausible(tmp_path, cmu_slide, value):
     """An implausible or non-numeric override raises ConfigError naming the slide."""

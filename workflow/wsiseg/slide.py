@@ -234,11 +234,12 @@ def resolve_mpp(
     *,
     override_mpp: float | None = None,
     override_source: str = "sample_sheet",
+    fallback_mpp: float | None = None,
     mpp_min_um: float = 0.05,
     mpp_max_um: float = 100.0,
     slide_id: str | None = None,
 ) -> Mpp:
-    """Choose the level-0 MPP: an override first, then the slide's metadata.
+    """Choose the level-0 MPP: an override first, then the slide's metadata, then a fallback.
 
     An ``override_mpp`` from the sample sheet or config wins, and it must be plausible,
     else ConfigError. Otherwise the candidates are ``openslide.mpp-x/-y``, then the TIFF
@@ -246,7 +247,8 @@ def resolve_mpp(
     10,000 / value µm for centimetres and 25,400 / value for inches). The first
     candidate within [mpp_min_um, mpp_max_um] is used. Implausible ones, such as the
     72 dpi that many programs write by default (352.8 µm/px), are named in the message
-    and never used.
+    and never used. A ``fallback_mpp`` (the config's default for slides without one) is
+    used, with the source "config", only when no candidate is plausible.
 
     OpenSlide 4 itself derives ``openslide.mpp-x`` from the resolution tags of
     generic TIFFs, so a metadata value equal to the tag-derived one is reported with the
@@ -281,6 +283,11 @@ def resolve_mpp(
             f"MPP {pair[0]:g} x {pair[1]:g} µm/px from {label} is outside the plausible "
             f"range {mpp_min_um:g}..{mpp_max_um:g} µm/px and was not used"
         )
+
+    if fallback_mpp is not None:
+        fallback = _override_mpp(fallback_mpp, "config", mpp_min_um, mpp_max_um, slide_id)
+        reason = "; ".join(rejected) or "the slide's metadata contains no MPP"
+        return dataclasses.replace(fallback, message=f"{reason}; used the config's default MPP")
 
     fix = "set mpp for this slide in the sample sheet to get areas in mm²"
     if rejected:
@@ -346,20 +353,26 @@ def run_inspect(
     *,
     mpp: float | None = None,
     mpp_source: str = "sample_sheet",
+    default_mpp_um: float | None = None,
     mpp_min_um: float = 0.05,
     mpp_max_um: float = 100.0,
 ) -> dict[str, Any]:
     """Inspect one slide and write slide.json; return the record.
 
     A missing, unreadable or unsupported file gives status "unreadable" with the reason
-    in "message" (other fields null); a slide without a usable MPP gives "no_mpp". An
-    ``mpp`` override wins over the metadata and is recorded with ``mpp_source``; an
-    implausible override raises ConfigError, because it is a mistake in the input.
+    in "message" (other fields null); a slide without a usable MPP gives "no_mpp".
+
+    An ``mpp`` override (sample sheet or config) wins over the metadata and is recorded
+    with ``mpp_source``. ``default_mpp_um`` is used only for a slide whose metadata has
+    no plausible MPP, recorded as "config". An implausible override or default raises
+    ConfigError, because it is a mistake in the input.
     """
     path = Path(slide_path)
+    # Reject a bad override or default before any work, since it is a mistake in the input.
     if mpp is not None:
-        # Reject a bad override before any work, since it is a mistake in the input.
         _override_mpp(mpp, mpp_source, mpp_min_um, mpp_max_um, slide_id)
+    if default_mpp_um is not None:
+        _override_mpp(default_mpp_um, "config", mpp_min_um, mpp_max_um, slide_id)
     record = _empty_record(path, slide_id)
     record["file_size_bytes"], record["content_sha256"] = _hash_content(path, slide_id)
 
@@ -381,6 +394,7 @@ def run_inspect(
         properties,
         override_mpp=mpp,
         override_source=mpp_source,
+        fallback_mpp=default_mpp_um,
         mpp_min_um=mpp_min_um,
         mpp_max_um=mpp_max_um,
         slide_id=slide_id,
