@@ -64,13 +64,18 @@ def get_slide_input(wildcards):
 
 
 def get_slide_mpp_args(wildcards):
-    """Return the inspect options that override the slide's MPP, already shell-quoted."""
+    """Return the inspect options for the slide's MPP.
+
+    A sample sheet's mpp overrides the metadata; the config's default_mpp_um only fills
+    in for slides whose metadata has none.
+    """
     entry = SLIDES[wildcards.slide_id]
+    arguments = []
     if entry.mpp_um is not None:
-        return f"--mpp {entry.mpp_um!r} --mpp-source sample_sheet"
+        arguments.append(f"--mpp {entry.mpp_um!r} --mpp-source sample_sheet")
     if config["slide"].get("default_mpp_um") is not None:
-        return f"--mpp {float(config['slide']['default_mpp_um'])!r} --mpp-source config"
-    return ""
+        arguments.append(f"--default-mpp {float(config['slide']['default_mpp_um'])!r}")
+    return " ".join(arguments)
 
 
 def get_shard_predictions(wildcards):

@@ -36,6 +36,8 @@ def _add_inspect(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--mpp", type=float, default=None, help="MPP in µm/px that overrides the metadata")
     parser.add_argument("--mpp-source", default="sample_sheet", choices=["sample_sheet", "config"],
                         help="where --mpp came from, recorded as mpp_source")
+    parser.add_argument("--default-mpp", type=float, default=None,
+                        help="MPP in µm/px for a slide whose metadata has none (recorded as mpp_source config)")
     parser.add_argument("--mpp-min", type=float, default=0.05, help="smallest plausible MPP in µm/px")
     parser.add_argument("--mpp-max", type=float, default=100.0, help="largest plausible MPP in µm/px")
     parser.set_defaults(run=_run_inspect)
@@ -45,7 +47,7 @@ def _run_inspect(args: argparse.Namespace) -> None:
     from wsiseg.slide import run_inspect
 
     run_inspect(args.slide, args.slide_id, args.out, mpp=args.mpp, mpp_source=args.mpp_source,
-                mpp_min_um=args.mpp_min, mpp_max_um=args.mpp_max)
+                default_mpp_um=args.default_mpp, mpp_min_um=args.mpp_min, mpp_max_um=args.mpp_max)
 
 
 def _add_tissue(commands: argparse._SubParsersAction) -> None:
