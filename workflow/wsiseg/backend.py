@@ -75,6 +75,8 @@ def list_gpus() -> list[str]:
         tf = importlib.import_module("tensorflow")
         return [device.name for device in tf.config.list_physical_devices("GPU")]
 
+    # NOTE: the JAX and PyTorch branches follow those libraries' documented device
+    # queries but have not been run, because neither library is installed in CI.
     if backend == "jax":
         jax = importlib.import_module("jax")
         return [str(device) for device in jax.devices() if device.platform == "gpu"]
