@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import h5py
@@ -325,3 +327,15 @@ def test_file_sha256_accepts_str(tmp_path):
     path = tmp_path / "empty.bin"
     path.write_bytes(b"")
     assert file_sha256(str(path)) == hashlib.sha256(b"").hexdigest()
+
+
+def test_weights_module_imports_without_keras():
+    """Importing wsiseg.weights loads neither Keras nor TensorFlow."""
+    code = (
+        "import sys, wsiseg.weights; "
+        "print(sorted(name for name in ('keras', 'tensorflow') if name in sys.modules))"
+    )
+    completed = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert completed.stdout.strip() == "[]"

@@ -29,13 +29,17 @@ import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import h5py
-import keras
 import numpy as np
 
 from wsiseg.errors import WeightsError
+
+if TYPE_CHECKING:
+    # Only for annotations: jobs that need just file_sha256 or WeightsInfo (an empty
+    # shard, say) import this module without paying for Keras and TensorFlow.
+    import keras
 
 logger = logging.getLogger(__name__)
 
