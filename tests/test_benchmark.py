@@ -95,7 +95,7 @@ def test_model_sections_quick(tmp_path, capsys):
 
 
 def test_generated_shards_announced(map_run):
-    """Section c says in its output that its shards are generated, not predicted."""
+    """Section c states in its output that its shards are generated, not predicted."""
     assert "GENERATED" in map_run["output"]
 
 
