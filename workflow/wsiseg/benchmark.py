@@ -1216,6 +1216,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not sections or set(args.sections) - set(SECTIONS):
         logger.error("--sections takes letters from %s, got %r", SECTIONS, args.sections)
         return 2
+    if set(sections) & set("bd") and not BUNDLED_SLIDE.is_file():
+        logger.error(
+            "sections b and d need the bundled slide %s, which only a source checkout of "
+            "wsiseg contains; run them from one, or choose --sections ace", BUNDLED_SLIDE,
+        )
+        return 2
     max_workers = args.max_workers or len(os.sched_getaffinity(0))
     if max_workers < 1:
         logger.error("--max-workers must be positive, got %d", max_workers)
