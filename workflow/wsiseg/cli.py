@@ -224,21 +224,17 @@ def _add_bench_model(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("bench-model", help="time the U-Net's predict() on random patches",
                                  add_help=False)
     parser.add_argument("rest", nargs=argparse.REMAINDER)
-    parser.set_defaults(run=lambda args: _run_module_main("wsiseg.bench_model", args.rest))
 
 
-def _run_module_main(module_name: str, argv: list[str]) -> None:
-    import importlib
-
-    module = importlib.import_module(module_name)
-    code = module.main(argv)
-    if code:
-        raise SystemExit(code)
+def _add_benchmark(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("benchmark", help="measure each stage against its raw library call",
+                                 add_help=False)
+    parser.add_argument("rest", nargs=argparse.REMAINDER)
 
 
 _SUBCOMMANDS: Sequence[Callable[[argparse._SubParsersAction], None]] = (
     _add_inspect, _add_tissue, _add_patches, _add_infer, _add_stitch, _add_vectorise,
-    _add_overlay, _add_report, _add_bench_model,
+    _add_overlay, _add_report, _add_bench_model, _add_benchmark,
 )
 
 
@@ -254,10 +250,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Sub-commands with parsers of their own: everything after the name goes to them,
+# --help included, which argparse's REMAINDER would not pass on.
+_DELEGATED = {"bench-model": "wsiseg.bench_model", "benchmark": "wsiseg.benchmark"}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one sub-command; return the process exit code."""
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments and arguments[0] in _DELEGATED:
+        import importlib
+
+        setup_logging("INFO")
+        return int(importlib.import_module(_DELEGATED[arguments[0]]).main(arguments[1:]) or 0)
+
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(arguments)
     setup_logging(args.log_level)
 
     started = time.perf_counter()
