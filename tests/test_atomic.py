@@ -50,3 +50,16 @@ def test_atomic_outputs_follow_umask(tmp_path):
         (temp / "f").write_text("x")
     assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == expected_file
     assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == expected_dir
+
+
+def test_atomic_dir_removes_stale_temps(tmp_path):
+    """A new writer deletes the temporary store a killed writer left behind."""
+    stale = tmp_path / ".tmp-store.zarr-abc123"
+    stale.mkdir()
+    (stale / "chunk").write_bytes(b"partial")
+    other = tmp_path / ".tmp-other.zarr-abc123"
+    other.mkdir()
+    with atomic_dir(tmp_path / "store.zarr") as temp:
+        (temp / "complete").write_text("x")
+    assert not stale.exists()
+    assert other.exists()

@@ -164,3 +164,39 @@ def test_second_dry_run_has_nothing_to_do(sample_run):
     workdir, results = sample_run
     process = run_snakemake(workdir, small_config(results), "-n")
     assert "Nothing to be done" in process.stdout + process.stderr
+
+
+def _bad_configs(tmp_path: Path) -> dict[str, tuple[dict, str]]:
+    not_hdf5 = tmp_path / "weights.h5"
+    not_hdf5.write_text("<html>not weights</html>")
+    sheet = tmp_path / "samples.tsv"
+    sheet.write_text(f"slide_id\tpath\tmpp\ncmu\t{SAMPLE_SLIDE}\t1e9\n", encoding="utf-8")
+    return {
+        "unknown_key": ({"patches": {"patch_size": 256}}, "Additional properties are not allowed"),
+        "missing_weights": ({"model": {"weights": [str(tmp_path / "none.h5")]}}, "model weights file not found"),
+        "not_hdf5": ({"model": {"weights": [str(not_hdf5)]}}, "is not an HDF5 file"),
+        "sheet_mpp_absurd": ({"sample_sheet": str(sheet)}, "outside the plausible range"),
+        "default_mpp_absurd": ({"slide": {"default_mpp_um": 500.0}}, "slide.default_mpp_um"),
+        "mpp_limits_swapped": ({"slide": {"mpp_min_um": 5.0, "mpp_max_um": 1.0}}, "must be below"),
+        "downsample_not_divisor": ({"inference": {"output_downsample": 3}}, "must divide patches."),
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["unknown_key", "missing_weights", "not_hdf5", "sheet_mpp_absurd", "default_mpp_absurd",
+     "mpp_limits_swapped", "downsample_not_divisor"],
+)
+def test_config_error_stops_before_work(tmp_path, case):
+    """A bad config stops the run at start-up with a message, and nothing is computed."""
+    overrides, message = _bad_configs(tmp_path)[case]
+    config = small_config(tmp_path / "results")
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(config.get(key), dict):
+            config[key] = {**config[key], **value}
+        else:
+            config[key] = value
+    process = run_snakemake(tmp_path / "work", config, check=False)
+    assert process.returncode != 0
+    assert message in process.stdout + process.stderr
+    assert not (tmp_path / "results").exists()

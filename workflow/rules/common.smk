@@ -27,16 +27,61 @@ RESULTS = config["results"].rstrip("/") or "."
 SLIDES = {entry.slide_id: entry for entry in load_entries(config.get("sample_sheet"), config.get("slides_glob"))}
 
 
-def _check_weights():
-    for path in list(config["model"]["weights"]) + [config["model"].get("imagenet_encoder_weights")]:
-        if path and not os.path.isfile(path):
+def _check_weights_file(path, key):
+    """Raise ConfigError unless ``path`` is an existing HDF5 or .keras file."""
+    import zipfile
+
+    import h5py
+
+    if not os.path.isfile(path):
+        raise ConfigError(
+            f"model weights file not found: {path}; fix {key} in the config "
+            "(DigiPathAI .h5, Keras .weights.h5 or .keras files), or set model.weights: [] "
+            "to run the untrained network"
+        )
+    if path.endswith(".keras"):
+        if not zipfile.is_zipfile(path):
+            raise ConfigError(f"{key}: {path} is not a .keras file (a zip archive); save the model with model.save('name.keras')")
+    elif path.endswith((".h5", ".hdf5")):
+        if not h5py.is_hdf5(path):
+            raise ConfigError(f"{key}: {path} is not an HDF5 file; it may be truncated or a web page saved by mistake, download the weights again")
+    else:
+        raise ConfigError(f"{key}: {path} has an unknown extension; expected .h5, .hdf5, .weights.h5 or .keras")
+
+
+def _check_config():
+    """Check what the schema cannot: files, ranges between keys, divisibility."""
+    for path in config["model"]["weights"]:
+        _check_weights_file(path, "model.weights")
+    if config["model"].get("imagenet_encoder_weights"):
+        _check_weights_file(config["model"]["imagenet_encoder_weights"], "model.imagenet_encoder_weights")
+
+    mpp_min, mpp_max = config["slide"]["mpp_min_um"], config["slide"]["mpp_max_um"]
+    if mpp_min >= mpp_max:
+        raise ConfigError(f"slide.mpp_min_um ({mpp_min}) must be below slide.mpp_max_um ({mpp_max})")
+    default_mpp = config["slide"].get("default_mpp_um")
+    if default_mpp is not None and not mpp_min <= default_mpp <= mpp_max:
+        raise ConfigError(
+            f"slide.default_mpp_um = {default_mpp} µm/px is outside the plausible range "
+            f"{mpp_min}..{mpp_max} (slide.mpp_min_um, slide.mpp_max_um); 0.25 is typical at 40x, 0.5 at 20x"
+        )
+    for entry in SLIDES.values():
+        if entry.mpp_um is not None and not mpp_min <= entry.mpp_um <= mpp_max:
             raise ConfigError(
-                f"model weights file not found: {path}; fix model.weights in config.yaml "
-                "(DigiPathAI .h5, Keras .weights.h5 or .keras files), or use [] to run the untrained network"
+                f"sample sheet mpp {entry.mpp_um} µm/px for slide {entry.slide_id} is outside the "
+                f"plausible range {mpp_min}..{mpp_max}; 0.25 is typical at 40x, 0.5 at 20x"
+            )
+
+    downsample = config["inference"]["output_downsample"]
+    for key in ("patch_size_px", "stride_px"):
+        if config["patches"][key] % downsample:
+            raise ConfigError(
+                f"inference.output_downsample = {downsample} must divide patches.{key} = "
+                f"{config['patches'][key]}; use a power of two such as 2, 4 or 8"
             )
 
 
-_check_weights()
+_check_config()
 
 
 wildcard_constraints:
@@ -89,3 +134,17 @@ def get_shard_predictions(wildcards):
 def quote_list(values):
     """Shell-quote each value and join them with spaces."""
     return " ".join(shlex.quote(str(value)) for value in values)
+
+
+def print_status_summary(report_path):
+    """Print how many slides ended in each status, and which ones were not ok."""
+    import pandas as pd
+
+    if not os.path.isfile(report_path):
+        return
+    table = pd.read_csv(report_path, dtype=str, keep_default_na=False)
+    counts = table["status"].value_counts()
+    print(f"wsiseg: {len(table)} slide(s) in {report_path}: "
+          + ", ".join(f"{count} {name}" for name, count in counts.items()), file=sys.stderr)
+    for row in table[table["status"] != "ok"].itertuples():
+        print(f"wsiseg:   {row.slide_id}: {row.status}: {row.message}", file=sys.stderr)

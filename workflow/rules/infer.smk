@@ -18,24 +18,22 @@ rule infer_shard:
         ),
         preprocessing=config["model"]["preprocessing"],
         seed=config["model"]["seed"],
-        batch_size=config["inference"]["batch_size"],
         tta=" ".join(f"--tta {name}" for name in config["inference"]["tta"]),
         precision=config["inference"]["precision"],
         xla="--xla" if config["inference"]["xla"] else "",
-        devices=(
-            "--devices " + ",".join(str(device) for device in config["inference"]["devices"])
-            if config["inference"].get("devices")
-            else ""
-        ),
         lock_dir=f"{RESULTS}/.gpu-locks",
         output_downsample=config["inference"]["output_downsample"],
     threads: config["inference"]["threads"]
+    # Batch size and device ids change how a shard is computed, not its result, so
+    # they are resources: changing them does not rerun finished shards (params do).
     resources:
         gpu=1,
+        batch_size=config["inference"]["batch_size"],
+        devices=",".join(str(device) for device in config["inference"].get("devices") or []),
     shell:
         "{WSISEG} infer {input.store:q} {input.plan:q} --shard {wildcards.shard}"
         " --out {output.predictions:q} {params.weights} {params.imagenet}"
         " --preprocessing {params.preprocessing} --seed {params.seed}"
-        " --batch-size {params.batch_size} {params.tta} --precision {params.precision}"
-        " {params.xla} {params.devices} --lock-dir {params.lock_dir:q}"
+        " --batch-size {resources.batch_size} {params.tta} --precision {params.precision}"
+        " {params.xla} --devices={resources.devices:q} --lock-dir {params.lock_dir:q}"
         " --output-downsample {params.output_downsample} --threads {threads} 2> {log:q}"

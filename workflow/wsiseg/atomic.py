@@ -9,6 +9,7 @@ artefact under the real name.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
@@ -79,6 +80,22 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     write_text(path, text + "\n")
 
 
+def _remove_stale_temps(path: Path) -> None:
+    """Delete temporary siblings that a killed writer of ``path`` left behind.
+
+    Snakemake runs at most one job per output, so any ``.tmp-<name>-*`` sibling that
+    exists when a new writer starts belongs to a writer that died (kill -9, node
+    failure). Without this, every crash would leave a partial store on disk for good.
+    """
+    if not path.parent.is_dir():
+        return
+    for stale in path.parent.glob(f".tmp-{glob.escape(path.name)}-*"):
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary directory that replaces ``path`` when the block succeeds.
@@ -88,6 +105,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     and ``path`` is left as it was.
     """
     path = Path(path)
+    _remove_stale_temps(path)
     try:
         temp = _temp_sibling(path, directory=True)
     except OSError as error:

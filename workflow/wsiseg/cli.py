@@ -115,7 +115,8 @@ def _add_infer(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--precision", default="auto", choices=["auto", "float32", "mixed_float16"],
                         help="auto: mixed_float16 on a GPU, float32 on a CPU")
     parser.add_argument("--xla", action="store_true", help="compile the model with XLA")
-    parser.add_argument("--devices", type=_str_list, default=None, help="comma-separated GPU ids jobs may claim")
+    parser.add_argument("--devices", type=lambda text: _str_list(text) or None, default=None,
+                        help="comma-separated GPU ids jobs may claim; empty: every visible GPU")
     parser.add_argument("--lock-dir", default=None, help="folder of the per-GPU lock files")
     parser.add_argument("--output-downsample", type=int, default=4, help="analysis px per output map px")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for the model")

@@ -125,7 +125,8 @@ def check_unique(entries: list[SlideEntry]) -> None:
         if entry.slide_id in seen:
             raise ConfigError(
                 f"duplicate slide id {entry.slide_id!r}: {seen[entry.slide_id]!r} and "
-                f"{entry.path!r}; give each slide a distinct slide_id in the sample sheet"
+                f"{entry.path!r}; give each slide a distinct slide_id in a sample sheet "
+                "(a glob names slides after their file names without the extension)"
             )
         seen[entry.slide_id] = entry.path
 

@@ -340,23 +340,32 @@ class TissueClip:
     """
 
     def __init__(self, mask: np.ndarray, mask_downsample_x: float, mask_downsample_y: float,
-                 level0_downsample: float) -> None:
+                 level0_downsample: float, slide_width_px: float | None = None,
+                 slide_height_px: float | None = None) -> None:
         self.mask = mask
         self.mask_downsample_x = mask_downsample_x
         self.mask_downsample_y = mask_downsample_y
         self.level0_downsample = level0_downsample
+        self.slide_width_px = slide_width_px
+        self.slide_height_px = slide_height_px
 
     @classmethod
     def from_files(cls, mask_png: str | os.PathLike, tissue: dict[str, Any],
-                   level0_downsample: float) -> "TissueClip":
+                   level0_downsample: float, slide: dict[str, Any] | None = None) -> "TissueClip":
         """Load the tissue mask PNG with the downsamples recorded in tissue.json."""
         with Image.open(mask_png) as image:
             mask = np.asarray(image.convert("L")) > 0
+        slide = slide or {}
         return cls(mask, float(tissue.get("mask_downsample_x") or 1.0),
-                   float(tissue.get("mask_downsample_y") or 1.0), level0_downsample)
+                   float(tissue.get("mask_downsample_y") or 1.0), level0_downsample,
+                   slide.get("width"), slide.get("height"))
 
     def rows(self, row0: int, row1: int, width: int) -> np.ndarray:
-        """Return a boolean (row1 - row0, width) array: True where a map pixel is tissue."""
+        """Return a boolean (row1 - row0, width) array: True where a map pixel is tissue.
+
+        With the slide's size known, a map pixel must also lie wholly on the slide, so no
+        polygon reaches past the slide's edge.
+        """
         mask_height, mask_width = self.mask.shape
         centres_y = (np.arange(row0, row1) + 0.5) * self.level0_downsample
         centres_x = (np.arange(width) + 0.5) * self.level0_downsample
@@ -364,6 +373,10 @@ class TissueClip:
         mask_cols = np.floor(centres_x / self.mask_downsample_x).astype(np.int64)
         row_ok = (mask_rows >= 0) & (mask_rows < mask_height)
         col_ok = (mask_cols >= 0) & (mask_cols < mask_width)
+        if self.slide_height_px:
+            row_ok &= (np.arange(row0, row1) + 1) * self.level0_downsample <= self.slide_height_px + 1e-6
+        if self.slide_width_px:
+            col_ok &= (np.arange(width) + 1) * self.level0_downsample <= self.slide_width_px + 1e-6
         inside = np.zeros((row1 - row0, width), dtype=bool)
         rows_inside = np.flatnonzero(row_ok)
         cols_inside = np.flatnonzero(col_ok)
@@ -668,7 +681,7 @@ def run_vectorise(
                 min_region_px=min_area_map_px,
                 max_band_px=max_band_px,
                 clip=(
-                    TissueClip.from_files(tissue_mask_png, tissue, level0_downsample)
+                    TissueClip.from_files(tissue_mask_png, tissue, level0_downsample, slide)
                     if tissue_mask_png is not None
                     else None
                 ),
