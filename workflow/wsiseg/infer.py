@@ -43,6 +43,8 @@ from wsiseg.tta import parse_tta
 
 logger = logging.getLogger(__name__)
 
+_PROGRESS_INTERVAL_S = 60.0
+
 # Output chunks: 256 rows (1024 analysis px at the default downsample of 4) by 2048 columns.
 OUT_CHUNK_ROWS = 256
 OUT_CHUNK_COLS = 2048
@@ -287,11 +289,23 @@ def _predict_band(
             # The producer fills its queue while the model is traced.
             predictor.warm_up((batch_size, patch_px, patch_px, 3))
             loop_started = time.perf_counter()
+            last_progress = loop_started
+            n_done = 0
             for batch, indices, n_valid in prefetcher:
                 batch_started = time.perf_counter()
                 mean, variance = predictor.predict(batch)
                 predict_s += time.perf_counter() - batch_started
                 writer.submit((indices, n_valid, mean, variance))
+
+                # A progress line a minute: a CPU shard can run for hours.
+                n_done += n_valid
+                if time.perf_counter() - last_progress >= _PROGRESS_INTERVAL_S:
+                    last_progress = time.perf_counter()
+                    elapsed_s = last_progress - loop_started
+                    logger.info(
+                        "slide %s: %d of %d patches predicted (%.1f patches/s)",
+                        band_attrs.get("slide_id"), n_done, rows.size, n_done / elapsed_s,
+                    )
         accumulator.close()
         loop_s = time.perf_counter() - loop_started
 
