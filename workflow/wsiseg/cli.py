@@ -20,6 +20,11 @@ from wsiseg.logs import setup_logging
 logger = logging.getLogger("wsiseg")
 
 
+def _add_parser(commands: argparse._SubParsersAction, name: str, **options) -> argparse.ArgumentParser:
+    """Add a sub-command whose --help shows each option's default."""
+    return commands.add_parser(name, formatter_class=argparse.ArgumentDefaultsHelpFormatter, **options)
+
+
 def _int_list(text: str) -> list[int]:
     return [int(value) for value in text.split(",") if value.strip()]
 
@@ -29,7 +34,7 @@ def _str_list(text: str) -> list[str]:
 
 
 def _add_inspect(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser("inspect", help="record a slide's metadata and status as JSON")
+    parser = _add_parser(commands, "inspect", help="record a slide's metadata and status as JSON")
     parser.add_argument("slide", help="slide file, or a DICOM WSI folder or file")
     parser.add_argument("--slide-id", required=True, help="id used in file names and messages")
     parser.add_argument("--out", required=True, help="slide.json to write")
@@ -51,7 +56,7 @@ def _run_inspect(args: argparse.Namespace) -> None:
 
 
 def _add_tissue(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser("tissue", help="detect tissue on a low-resolution image of the slide")
+    parser = _add_parser(commands, "tissue", help="detect tissue on a low-resolution image of the slide")
     parser.add_argument("metadata", help="slide.json from `wsiseg inspect`")
     parser.add_argument("--mask", required=True, help="tissue mask PNG to write")
     parser.add_argument("--thumbnail", required=True, help="thumbnail PNG to write")
@@ -69,7 +74,7 @@ def _run_tissue(args: argparse.Namespace) -> None:
 
 
 def _add_patches(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser("patches", help="extract the tissue under the patch grid into a Zarr store")
+    parser = _add_parser(commands, "patches", help="extract the tissue under the patch grid into a Zarr store")
     parser.add_argument("metadata", help="slide.json")
     parser.add_argument("tissue", help="tissue.json")
     parser.add_argument("mask", help="tissue mask PNG")
@@ -77,7 +82,7 @@ def _add_patches(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--plan", required=True, help="shards.json (the shard plan) to write")
     parser.add_argument("--patch-size", type=int, default=256, help="patch side in analysis px (multiple of 32)")
     parser.add_argument("--stride", type=int, default=128, help="grid step in analysis px")
-    parser.add_argument("--target-mpp", type=float, default=None, help="analysis resolution in µm/px (default: level 0)")
+    parser.add_argument("--target-mpp", type=float, default=None, help="analysis resolution in µm/px; unset reads level 0")
     parser.add_argument("--min-tissue-fraction", type=float, default=0.01, help="tissue share a patch needs (0-1)")
     parser.add_argument("--chunk-px", type=int, default=1024, help="Zarr chunk side in px")
     parser.add_argument("--workers", type=int, default=2, help="reader processes, each with its own OpenSlide handle")
@@ -96,7 +101,7 @@ def _run_patches(args: argparse.Namespace) -> None:
 
 
 def _add_infer(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser("infer", help="predict tumour probabilities for one shard of patches")
+    parser = _add_parser(commands, "infer", help="predict tumour probabilities for one shard of patches")
     parser.add_argument("patches", help="patches.zarr")
     parser.add_argument("plan", help="shards.json")
     parser.add_argument("--shard", type=int, required=True, help="shard index in the plan")
@@ -134,7 +139,7 @@ def _run_infer(args: argparse.Namespace) -> None:
 
 
 def _add_stitch(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser("stitch", help="merge shard predictions into one probability map")
+    parser = _add_parser(commands, "stitch", help="merge shard predictions into one probability map")
     parser.add_argument("patches", help="patches.zarr")
     parser.add_argument("shards", nargs="+", help="shard prediction stores")
     parser.add_argument("--out", required=True, help="probability.zarr to write")
@@ -149,7 +154,7 @@ def _run_stitch(args: argparse.Namespace) -> None:
 
 
 def _add_vectorise(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser("vectorise", help="turn the probability map into GeoJSON polygons and statistics")
+    parser = _add_parser(commands, "vectorise", help="turn the probability map into GeoJSON polygons and statistics")
     parser.add_argument("probability", help="probability.zarr")
     parser.add_argument("metadata", help="slide.json")
     parser.add_argument("tissue", help="tissue.json")
@@ -180,7 +185,7 @@ def _run_vectorise(args: argparse.Namespace) -> None:
 
 
 def _add_overlay(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser("overlay", help="draw tissue and tumour outlines on the thumbnail")
+    parser = _add_parser(commands, "overlay", help="draw tissue and tumour outlines on the thumbnail")
     parser.add_argument("thumbnail", help="thumbnail PNG")
     parser.add_argument("mask", help="tissue mask PNG")
     parser.add_argument("tissue", help="tissue.json")
@@ -196,7 +201,7 @@ def _run_overlay(args: argparse.Namespace) -> None:
 
 
 def _add_report(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser("report", help="write the cohort CSV, one row per slide")
+    parser = _add_parser(commands, "report", help="write the cohort CSV, one row per slide")
     parser.add_argument("stats", nargs="+", help="stats.json files")
     parser.add_argument("--out", required=True, help="report.csv to write")
     parser.add_argument("--benchmarks-dir", default=None,
@@ -222,13 +227,13 @@ def _run_report(args: argparse.Namespace) -> None:
 
 
 def _add_bench_model(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser("bench-model", help="time the U-Net's predict() on random patches",
+    parser = _add_parser(commands, "bench-model", help="time the U-Net's predict() on random patches",
                                  add_help=False)
     parser.add_argument("rest", nargs=argparse.REMAINDER)
 
 
 def _add_benchmark(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser("benchmark", help="measure each stage against its raw library call",
+    parser = _add_parser(commands, "benchmark", help="measure each stage against its raw library call",
                                  add_help=False)
     parser.add_argument("rest", nargs=argparse.REMAINDER)
 
@@ -241,7 +246,12 @@ _SUBCOMMANDS: Sequence[Callable[[argparse._SubParsersAction], None]] = (
 
 def build_parser() -> argparse.ArgumentParser:
     """Build the parser of ``wsiseg`` and all its sub-commands."""
-    parser = argparse.ArgumentParser(prog="wsiseg", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="wsiseg",
+        description="Run one stage of the wsiseg pipeline on one slide. "
+                    "`wsiseg <stage> --help` lists a stage's options.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("--version", action="version", version=f"wsiseg {__version__}")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                         help="logging threshold")
