@@ -17,7 +17,7 @@ inputs in the same order. DigiPathAI's released weight files are loaded by topol
 order, so an extra or reordered layer would shift weights onto the wrong layers. Only the
 layer names differ, and names play no part in that loading.
 
-Only ``keras`` and ``keras.ops`` are used here, so the model builds on any Keras 3 backend.
+The model uses Keras 3 layers and no TensorFlow calls, so it builds on any Keras 3 backend.
 """
 
 from __future__ import annotations
@@ -65,8 +65,8 @@ _DECODER_STAGES = (
 class ResidualScale(keras.layers.Layer):
     """Add a scaled residual branch to its shortcut: ``shortcut + scale * residual``.
 
-    Inception-ResNet scales each block's residual down (0.1 to 0.2) before the sum to keep
-    a deep stack of blocks stable. A named layer with ``get_config`` replaces the original
+    Inception-ResNet scales each block's residual down (0.1 to 0.2, except 1.0 in the last
+    block) before the sum, which keeps training of a deep stack of blocks stable. A named layer with ``get_config`` replaces the original
     Lambda, so that a ``.keras`` file loads again with ``safe_mode=True``.
     """
 
