@@ -293,7 +293,7 @@ def test_imagenet_encoder_weights(model, tmp_path):
     encoder.save_weights(str(path))
 
     layers = weighted_layers(model)
-    decoder_before = [np.array(weight) for layer in layers[448:] for weight in layer.weights]
+    decoder_before = [weight.numpy() for layer in layers[448:] for weight in layer.weights]
     info = load_imagenet_encoder(model, path)
 
     assert info.format == IMAGENET_ENCODER_H5
@@ -301,9 +301,9 @@ def test_imagenet_encoder_weights(model, tmp_path):
     for index, (target, source) in enumerate(zip(layers, source_layers)):
         for target_weight, source_weight in zip(target.weights, source.weights):
             np.testing.assert_array_equal(
-                np.array(target_weight), source_weight.numpy(), err_msg=f"layer {index}"
+                target_weight.numpy(), source_weight.numpy(), err_msg=f"layer {index}"
             )
-    decoder_after = [np.array(weight) for layer in layers[448:] for weight in layer.weights]
+    decoder_after = [weight.numpy() for layer in layers[448:] for weight in layer.weights]
     for before, after in zip(decoder_before, decoder_after):
         np.testing.assert_array_equal(after, before)
 

@@ -297,7 +297,7 @@ def _load_keras3(model: keras.Model, path: Path, file_format: str) -> None:
             )
 
         # Keras assigns layer by layer, so a mismatch half-way would leave a mixed model.
-        snapshot = [np.array(variable) for variable in model.weights]
+        snapshot = [variable.numpy() for variable in model.weights]
         try:
             model.load_weights(str(store_path))
         except (ValueError, KeyError, OSError) as error:
