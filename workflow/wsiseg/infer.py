@@ -54,7 +54,6 @@ OUT_CHUNK_COLS = 2048
 DEFAULT_PREFETCH_PATCHES = 1024
 
 _COMPRESSOR = BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
-_SHA256_BLOCK_BYTES = 1 << 20
 _QUEUE_POLL_S = 0.5
 
 # Batches of predicted maps waiting for the band writer. They are small (downsampled maps).
@@ -694,20 +693,12 @@ def _weights_records_without_keras(
     weights: Sequence[str | os.PathLike],
 ) -> list[dict[str, str]] | str:
     """Return the ``weights`` attribute for a band that loads no model."""
-    # NOTE: wsiseg.weights.file_sha256 computes the same digest, but importing that module
-    # imports Keras, which an empty band must not pay for.
-    import hashlib
+    # wsiseg.weights imports Keras for type hints only, so this stays Keras-free.
+    from wsiseg.weights import file_sha256
 
     if not weights:
         return "untrained"
-    records = []
-    for path in weights:
-        digest = hashlib.sha256()
-        with open(path, "rb") as stream:
-            while block := stream.read(_SHA256_BLOCK_BYTES):
-                digest.update(block)
-        records.append({"file": Path(path).name, "sha256": digest.hexdigest()})
-    return records
+    return [{"file": Path(path).name, "sha256": file_sha256(path)} for path in weights]
 
 
 def _limit_cpu_threads(threads: int | None) -> None:
