@@ -246,3 +246,18 @@ def test_shards_to_report(tmp_path: Path) -> None:
     assert frame.loc[0, "tumour_fraction"] == pytest.approx(tumour_px_level0 / (256 * 256))
     assert frame.loc[0, "model_weights"] == "untrained"
     assert frame.loc[0, "status"] == status.OK
+
+
+def test_report_runtime_from_benchmarks(tmp_path: Path) -> None:
+    """runtime_s sums a slide's Snakemake benchmark files; a slide without any stays empty."""
+    paths = write_stats(tmp_path, [stats_row("b"), stats_row("a")])
+    benchmarks = tmp_path / "benchmarks" / "b"
+    benchmarks.mkdir(parents=True)
+    header = "s\th:m:s\tmax_rss\n"
+    (benchmarks / "tissue.tsv").write_text(header + "1.5\t0:00:01\t10\n")
+    (benchmarks / "infer-shard-0.tsv").write_text(header + "10.25\t0:00:10\t900\n")
+
+    frame = run_report(paths, tmp_path / "report.csv", benchmarks_dir=tmp_path / "benchmarks")
+
+    assert frame.loc[0, "runtime_s"] == 11.75
+    assert pd.isna(frame.loc[1, "runtime_s"])

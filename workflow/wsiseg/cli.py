@@ -62,7 +62,7 @@ def _add_tissue(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--thumbnail", required=True, help="thumbnail PNG to write")
     parser.add_argument("--out", required=True, help="tissue.json to write")
     parser.add_argument("--thumbnail-mpp", type=float, default=8.0, help="detection resolution in µm/px")
-    parser.add_argument("--max-thumbnail-px", type=int, default=4096, help="longest side of the detection image in px")
+    parser.add_argument("--max-thumbnail-px", type=int, default=4096, help="maximum side of the detection image in px")
     parser.set_defaults(run=_run_tissue)
 
 
@@ -210,37 +210,20 @@ def _add_report(commands: argparse._SubParsersAction) -> None:
 
 
 def _run_report(args: argparse.Namespace) -> None:
-    import json
-    from pathlib import Path
+    from wsiseg.report import run_report
 
-    from wsiseg.report import benchmark_seconds, run_report
-
-    # runtime_s of a slide: the wall time of all its jobs, from Snakemake's benchmark
-    # files under <benchmarks-dir>/<slide_id>/.
-    runtimes = {}
-    if args.benchmarks_dir:
-        for stats_path in args.stats:
-            slide_id = json.loads(Path(stats_path).read_text(encoding="utf-8")).get("slide_id")
-            if slide_id:
-                runtimes[slide_id] = benchmark_seconds(sorted((Path(args.benchmarks_dir) / slide_id).glob("*.tsv")))
-    run_report(args.stats, args.out, runtimes=runtimes)
+    run_report(args.stats, args.out, benchmarks_dir=args.benchmarks_dir)
 
 
-def _add_bench_model(commands: argparse._SubParsersAction) -> None:
-    parser = _add_parser(commands, "bench-model", help="time the U-Net's predict() on random patches",
-                                 add_help=False)
-    parser.add_argument("rest", nargs=argparse.REMAINDER)
-
-
-def _add_benchmark(commands: argparse._SubParsersAction) -> None:
-    parser = _add_parser(commands, "benchmark", help="measure each stage against its raw library call",
-                                 add_help=False)
-    parser.add_argument("rest", nargs=argparse.REMAINDER)
+def _add_delegated(commands: argparse._SubParsersAction) -> None:
+    # Listed here for `wsiseg --help` only: main() hands their arguments to their own parsers.
+    _add_parser(commands, "bench-model", help="time the U-Net's predict() on random patches", add_help=False)
+    _add_parser(commands, "benchmark", help="measure each stage against its raw library call", add_help=False)
 
 
 _SUBCOMMANDS: Sequence[Callable[[argparse._SubParsersAction], None]] = (
     _add_inspect, _add_tissue, _add_patches, _add_infer, _add_stitch, _add_vectorise,
-    _add_overlay, _add_report, _add_bench_model, _add_benchmark,
+    _add_overlay, _add_report, _add_delegated,
 )
 
 

@@ -139,11 +139,14 @@ def run_report(
     out_csv: str | os.PathLike,
     *,
     runtimes: Mapping[str, float | None] | None = None,
+    benchmarks_dir: str | os.PathLike | None = None,
 ) -> pd.DataFrame:
     """Write report.csv with one row per slide, in the order of ``stats_jsons``.
 
     ``runtimes`` maps slide ids to their processing time in seconds (for example from
-    ``benchmark_seconds``). Slides without one get an empty runtime_s. Raises
+    ``benchmark_seconds``). Without an entry there, a slide's runtime is the sum of the
+    Snakemake benchmark files under ``benchmarks_dir/<slide_id>/``, when given. Slides
+    without either get an empty runtime_s. Raises
     ArtefactError for a missing statistics file or a slide id that occurs twice.
     """
     rows = []
@@ -154,7 +157,10 @@ def run_report(
         if slide_id in seen:
             raise ArtefactError(f"slide id {slide_id!r} occurs in both {seen[slide_id]} and {path}")
         seen[slide_id] = str(path)
-        stats["runtime_s"] = (runtimes or {}).get(slide_id)
+        runtime_s = (runtimes or {}).get(slide_id)
+        if runtime_s is None and benchmarks_dir is not None:
+            runtime_s = benchmark_seconds(sorted((Path(benchmarks_dir) / slide_id).glob("*.tsv")))
+        stats["runtime_s"] = runtime_s
         rows.append(stats)
 
     frame = build_report(rows)
