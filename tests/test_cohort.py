@@ -1,9 +1,10 @@
 """A cohort run over broken, odd and hostile slides: every slide gets a row, the run exits 0.
 
-One real Snakemake run covers the slide classes that must not stop a cohort: unreadable
-files (truncated, random bytes, missing, a directory), a slide without tissue, a slide
-without MPP, a DICOM WSI folder, a path with spaces and non-ASCII characters on
-read-only storage, and a path full of shell metacharacters.
+One real Snakemake run covers the slide classes that must not stop a cohort. They are
+unreadable files (truncated, random bytes, missing, a directory), a slide without
+tissue, a slide without MPP and a DICOM WSI folder. Two more sit behind odd paths: one
+with spaces and non-ASCII characters on read-only storage, one full of shell
+metacharacters.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Crash recovery: an inference job killed with SIGKILL mid-run, then the same command again.
 
 The rerun must recompute only the shard that was lost and give the same probability map
-as an uninterrupted run; no partial Zarr store may ever sit under a final name.
+as an uninterrupted run. No partial Zarr store may ever sit under a final name.
 """
 
 from __future__ import annotations
